@@ -1,0 +1,94 @@
+"""Build of the compiled core, syncbn._kernels (everything else is in pyproject.toml).
+
+Environment variables:
+  SYNCBN_NO_OPENMP=1     build without OpenMP (kernels run single-threaded)
+  SYNCBN_CYTHON_CHECKS=1 keep Cython's bounds and wraparound checks (a memory-safety build)
+  SYNCBN_MARCH=...       value for -march (default "native" when the compiler takes it;
+                         set SYNCBN_MARCH= (empty) for a portable build, e.g. a wheel)
+"""
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+PROBE = r"""
+#include <omp.h>
+#include <stdio.h>
+int main(void) {
+    int n = 0;
+    #pragma omp parallel num_threads(2) reduction(+:n)
+    n += 1;
+    printf("%d\n", n);
+    return n == 2 ? 0 : 1;
+}
+"""
+
+
+def _compiles_and_runs(flags: list[str], source: str = PROBE) -> bool:
+    """Compile `source` with `flags` and run it; True when both succeed."""
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.c")
+        exe = os.path.join(tmp, "probe")
+        with open(src, "w") as f:
+            f.write(source)
+        try:
+            subprocess.run(cc.split() + flags + [src, "-o", exe], check=True,
+                           capture_output=True, timeout=120)
+            subprocess.run([exe], check=True, capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return True
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+compile_args = ["-O3"]
+link_args: list[str] = []
+
+march = os.environ.get("SYNCBN_MARCH", "native").strip()
+if march and _compiles_and_runs([f"-march={march}"], "int main(void){return 0;}"):
+    compile_args.append(f"-march={march}")
+
+if _flag("SYNCBN_NO_OPENMP"):
+    openmp = "off (SYNCBN_NO_OPENMP)"
+elif _compiles_and_runs(["-fopenmp"]):
+    compile_args.append("-fopenmp")
+    link_args.append("-fopenmp")
+    openmp = "on"
+else:
+    openmp = "off (the compiler-and-run probe with -fopenmp failed)"
+
+checks = _flag("SYNCBN_CYTHON_CHECKS")
+directives = {
+    "language_level": 3,
+    "boundscheck": checks,
+    "wraparound": checks,
+    "initializedcheck": checks,
+    "cdivision": not checks,
+    "embedsignature": True,
+}
+
+print(f"syncbn build: OpenMP {openmp}; compile {' '.join(compile_args)}; "
+      f"link {' '.join(link_args) or '-'}; Cython checks {'on' if checks else 'off'}",
+      file=sys.stderr)
+
+ext = Extension(
+    "syncbn._kernels",
+    ["syncbn/_kernels.pyx"],
+    include_dirs=[numpy.get_include()],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    extra_compile_args=compile_args,
+    extra_link_args=link_args,
+)
+
+setup(ext_modules=cythonize([ext], compiler_directives=directives,
+                            # a changed directive must rebuild the C file
+                            force=checks))

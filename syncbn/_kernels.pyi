@@ -1,0 +1,43 @@
+"""Typed stub of the compiled module syncbn._kernels (see _kernels.pyx).
+
+Data arrays are C-contiguous float32 or float64 numpy arrays of shape
+(N, C, L) (channels-first) or (M, C) (rows: 2-D and channels-last input).
+Per-channel vectors are 1-D float64 arrays of length C. ``num_threads=0``
+means OpenMP's default; the count is capped by the amount of work.
+"""
+from typing import Optional
+
+import numpy as np
+import numpy.typing as npt
+
+Data = npt.NDArray[np.floating]
+Vec = npt.NDArray[np.float64]
+
+def openmp_enabled() -> bool: ...
+def max_threads() -> int: ...
+def local_stats(x: Data, shift: Vec, out: Vec, num_threads: int = 0) -> None:
+    """out[:C] = sum(x - shift), out[C:2C] = sum((x - shift)**2), out[2C] = count."""
+def normalize(
+    x: Data,
+    mean: Vec,
+    invstd: Vec,
+    weight: Optional[Vec],
+    bias: Optional[Vec],
+    out: Data,
+    num_threads: int = 0,
+) -> None:
+    """out = (x - mean) * invstd * weight + bias."""
+def backward_reduce(dy: Data, x: Data, mean: Vec, out: Vec, num_threads: int = 0) -> None:
+    """out[:C] = sum(dy), out[C:2C] = sum(dy * (x - mean))."""
+def backward_input(
+    dy: Data,
+    x: Data,
+    mean: Vec,
+    invstd: Vec,
+    weight: Optional[Vec],
+    mean_dy: Vec,
+    mean_dy_xmu: Vec,
+    out: Data,
+    num_threads: int = 0,
+) -> None:
+    """out = (dy - mean_dy - (x - mean) * invstd**2 * mean_dy_xmu) * invstd * weight."""
