@@ -1,0 +1,247 @@
+"""``SyncBatchNorm``: the module that decides; ``function.py`` computes."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .comm import CommSpec, Communicator, LocalCommunicator, get_communicator
+from .function import sync_batch_norm
+
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""Batch normalization with statistics over the whole distributed batch, on CPU.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    In training, the per-channel mean and biased variance are those of the
+    global batch: the union of every rank's input, whatever its size. Each
+    forward issues one allreduce of ``2C + 1`` float64 values
+    (``[sum(x - s), sum((x - s)^2), count]`` with a per-channel shift ``s``
+    common to all ranks), each backward one of ``2C`` values. In evaluation
+    the running statistics are used and nothing is communicated.
+
+    A drop-in replacement for :class:`torch.nn.SyncBatchNorm`: same
+    constructor, parameters, buffers and ``state_dict`` keys, so checkpoints
+    move both ways between it, ``torch.nn.SyncBatchNorm`` and
+    ``torch.nn.BatchNorm1d/2d/3d``. Unlike it, it runs on CPU tensors and
+    inside CPU :class:`~torch.nn.parallel.DistributedDataParallel` (it does not
+    subclass ``torch.nn.SyncBatchNorm``, which DDP refuses on CPU).
+
+    Args:
+        num_features: :math:`C` from an expected input of size :math:`(N, C, +)`.
+        eps: added to the variance for numerical stability. Default: 1e-5
+        momentum: factor of the running statistics update; ``None`` for a
+            cumulative moving average. Default: 0.1
+        affine: learnable :math:`\gamma` and :math:`\beta`. Default: ``True``
+        track_running_stats: keep running mean and variance for evaluation;
+            if ``False``, batch statistics are used in evaluation too (local
+            to each rank, without communication). Default: ``True``
+        process_group: what the statistics are summed over: ``None`` or
+            ``"auto"`` (torch.distributed if initialized, else MPI
+            ``COMM_WORLD`` when launched with more than one rank, else this
+            process alone), ``"torch"``, ``"mpi"``, ``"local"``, a
+            ``torch.distributed.ProcessGroup``, an mpi4py communicator, or a
+            :class:`syncbn.comm.Communicator`. Default: ``None``
+        device, dtype: of the parameters and buffers (CPU only).
+
+    Shape:
+        - Input: :math:`(N, C, +)`, any rank >= 2; channels-last and
+          channels-last-3d inputs are read in place, with no transposed copy.
+        - Output: same shape, dtype and memory format as the input.
+
+    Every rank must call every synchronized layer the same number of times,
+    in the same order, in the same mode: a rank with no samples still calls
+    it (with an empty batch) and joins the collectives.
+
+    Examples::
+
+        >>> # mpirun -n 4 python train.py   or   torchrun --nproc_per_node 4 train.py
+        >>> bn = syncbn.SyncBatchNorm(64)
+        >>> y = bn(torch.randn(8, 64, 32, 32))
+        >>> model = syncbn.convert_sync_batchnorm(torchvision_model)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: CommSpec = None,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
+        self.process_group = process_group
+        self._comm: Optional[Communicator] = None
+        # Common shift of the statistics sums (see function.py); starts at
+        # zero on every rank, then follows the global mean. Not a buffer: it
+        # is derived state, kept out of state_dict for torch compatibility.
+        self._shift = torch.zeros(num_features, dtype=torch.float64)
+
+    @property
+    def communicator(self) -> Communicator:
+        """The communicator this layer sums over, resolved on first use."""
+        if self._comm is None:
+            self._comm = get_communicator(self.process_group)
+        return self._comm
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "process_group":
+            # a new group invalidates the resolved communicator
+            self.__dict__["_comm"] = None
+        super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the resolved communicator holds live handles (copy.deepcopy, pickle)
+        state = super().__getstate__()
+        state["_comm"] = None
+        return state
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(
+                f"SyncBatchNorm: expected an input of at least 2 dimensions (N, C, ...) "
+                f"(got {input.dim()}D input of shape {list(input.shape)})")
+
+    def _check_input(self, input: torch.Tensor) -> None:
+        # Raised before any collective, on whichever rank got the bad input.
+        # (Every rank usually gets the same kind of input, so all raise.)
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"SyncBatchNorm: expected input with {self.num_features} channels "
+                f"(num_features) in dimension 1 (got {input.shape[1]}, input shape "
+                f"{list(input.shape)})")
+        if not input.is_floating_point():
+            raise TypeError(
+                "SyncBatchNorm: expected a floating-point input (float32, float64, "
+                f"float16 or bfloat16) (got {input.dtype})")
+        if input.device.type != "cpu":
+            raise ValueError(
+                f"SyncBatchNorm: expected a CPU tensor (got device {input.device}); "
+                "for GPUs use torch.nn.SyncBatchNorm")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
+        # Same decisions as torch.nn.modules.batchnorm._BatchNorm.forward.
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        if not bn_training:
+            return F.batch_norm(input, self.running_mean, self.running_var, self.weight,
+                                self.bias, False, 0.0, self.eps)
+        tracking = self.training and self.track_running_stats
+        if self.training:
+            comm, shift = self.communicator, self._shift
+        else:
+            # Batch statistics in eval (track_running_stats=False) stay local,
+            # like torch.nn.SyncBatchNorm; a scratch shift keeps the shared one
+            # identical across ranks.
+            comm, shift = _LOCAL, self._shift.clone()
+        return sync_batch_norm(
+            input, self.weight, self.bias,
+            self.running_mean if tracking else None,
+            self.running_var if tracking else None,
+            self.num_batches_tracked if tracking else None,
+            shift, self.eps, self.momentum, comm)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (
+            f", process_group={self.process_group!r}" if self.process_group is not None else "")
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module,
+                               process_group: CommSpec = None) -> torch.nn.Module:
+        """See :func:`syncbn.convert_sync_batchnorm`."""
+        return convert_sync_batchnorm(module, process_group)
+
+
+_LOCAL = LocalCommunicator()
+
+
+def _copy_state(src: _BatchNorm, dst: _BatchNorm) -> None:
+    """Make ``dst`` share ``src``'s parameters and buffers (the same objects)."""
+    if src.affine:
+        with torch.no_grad():
+            dst.weight = src.weight
+            dst.bias = src.bias
+    dst.running_mean = src.running_mean
+    dst.running_var = src.running_var
+    dst.num_batches_tracked = src.num_batches_tracked
+    dst.training = src.training
+    if hasattr(src, "qconfig"):
+        dst.qconfig = src.qconfig
+
+
+def convert_sync_batchnorm(module: torch.nn.Module,
+                           process_group: CommSpec = None) -> torch.nn.Module:
+    """Replace every batch-norm layer in ``module`` with :class:`SyncBatchNorm`.
+
+    Every ``torch.nn.modules.batchnorm._BatchNorm`` (BatchNorm1d/2d/3d,
+    ``torch.nn.SyncBatchNorm``, lazy ones once initialized) becomes a
+    ``syncbn.SyncBatchNorm`` that shares the original parameter and buffer
+    objects and copies the training flag; other normalizations
+    (InstanceNorm, GroupNorm, LayerNorm) are left alone.
+
+    Args:
+        module: the model, or a single layer.
+        process_group: passed to every new layer (see :class:`SyncBatchNorm`).
+
+    Returns:
+        The converted module (``module`` itself, changed in place, unless it
+        is a batch-norm layer).
+
+    Example::
+
+        >>> model = syncbn.convert_sync_batchnorm(model)
+        >>> model = torch.nn.parallel.DistributedDataParallel(model)
+    """
+    out = module
+    if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+        out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, process_group)
+        _copy_state(module, out)
+    for name, child in module.named_children():
+        new = convert_sync_batchnorm(child, process_group)
+        if new is not child:
+            out.add_module(name, new)
+    return out
+
+
+class _AnyRankBatchNorm(_BatchNorm):
+    """Plain (unsynchronized) batch norm that accepts any input rank >= 2."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(
+                f"expected an input of at least 2 dimensions (got {input.dim()}D input)")
+
+
+def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every :class:`SyncBatchNorm` (ours or torch's) with plain batch norm.
+
+    For single-process inference or export: the new layers share the
+    parameters and buffers and copy the training flag. They accept every
+    input rank the synchronized layer did, so the same model runs unchanged.
+
+    Returns:
+        The reverted module (``module`` itself unless it is a sync layer).
+    """
+    out = module
+    if isinstance(module, (SyncBatchNorm, torch.nn.SyncBatchNorm)):
+        out = _AnyRankBatchNorm(module.num_features, module.eps, module.momentum,
+                                module.affine, module.track_running_stats)
+        _copy_state(module, out)
+    for name, child in module.named_children():
+        new = revert_sync_batchnorm(child)
+        if new is not child:
+            out.add_module(name, new)
+    return out
