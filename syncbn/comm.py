@@ -24,6 +24,7 @@ __all__ = [
     "LocalCommunicator",
     "MPICommunicator",
     "TorchCommunicator",
+    "gather_values",
     "get_communicator",
 ]
 
@@ -232,3 +233,17 @@ def _optional_int(value: Optional[str]) -> int:
         return int(value) if value else 1
     except ValueError:
         return 1
+
+
+def gather_values(comm: Communicator, values: "list[float]") -> "torch.Tensor":
+    """Every rank's ``values`` as a ``(size, len(values))`` float64 tensor, on every rank.
+
+    Built on the SUM allreduce (each rank fills its own row of a zero
+    buffer), so it is one fixed-size collective that any backend provides.
+    All ranks must pass the same number of values.
+    """
+    buf = torch.zeros(comm.size * len(values), dtype=torch.float64)
+    row = comm.rank * len(values)
+    buf[row:row + len(values)] = torch.tensor(values, dtype=torch.float64)
+    comm.allreduce_(buf)
+    return buf.view(comm.size, len(values))

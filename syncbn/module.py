@@ -1,13 +1,14 @@
 """``SyncBatchNorm``: the module that decides; ``function.py`` computes."""
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .comm import CommSpec, Communicator, LocalCommunicator, get_communicator
+from .comm import CommSpec, Communicator, LocalCommunicator, gather_values, get_communicator
 from .function import sync_batch_norm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
@@ -50,6 +51,11 @@ class SyncBatchNorm(_BatchNorm):
             ``torch.distributed.ProcessGroup``, an mpi4py communicator, or a
             :class:`syncbn.comm.Communicator`. Default: ``None``
         device, dtype: of the parameters and buffers (CPU only).
+        debug: before every forward, check with one small collective that all
+            ranks agree on this layer (channels, input dtype, train/eval, call
+            count) and raise the same error on every rank if not; eval-mode
+            calls join that check too. Default: the environment variable
+            ``SYNCBN_DEBUG`` (``1`` turns it on).
 
     Shape:
         - Input: :math:`(N, C, +)`, any rank >= 2; channels-last and
@@ -78,6 +84,8 @@ class SyncBatchNorm(_BatchNorm):
         process_group: CommSpec = None,
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
+        *,
+        debug: Optional[bool] = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
@@ -87,6 +95,10 @@ class SyncBatchNorm(_BatchNorm):
         # zero on every rank, then follows the global mean. Not a buffer: it
         # is derived state, kept out of state_dict for torch compatibility.
         self._shift = torch.zeros(num_features, dtype=torch.float64)
+        if debug is None:
+            debug = os.environ.get("SYNCBN_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+        self.debug = debug
+        self._calls = 0
 
     @property
     def communicator(self) -> Communicator:
@@ -131,7 +143,40 @@ class SyncBatchNorm(_BatchNorm):
                 f"SyncBatchNorm: expected a CPU tensor (got device {input.device}); "
                 "for GPUs use torch.nn.SyncBatchNorm")
 
+    def _check_agreement(self, input: torch.Tensor) -> None:
+        """Debug mode: the same error on every rank when ranks disagree on this layer."""
+        self._calls += 1
+        fields = {
+            "num_features": self.num_features,
+            "input channels": input.shape[1] if input.dim() >= 2 else -1,
+            "input dtype": _DTYPE_CODES.get(input.dtype, -1),
+            "training": int(self.training),
+            "calls of this layer": self._calls,
+        }
+        comm = self.communicator
+        table = gather_values(comm, [float(v) for v in fields.values()])
+        differ = [name for k, name in enumerate(fields) if not bool((table[:, k] == table[0, k]).all())]
+        if not differ:
+            return
+        lines = []
+        for name in differ:
+            k = list(fields).index(name)
+            by_value: dict[float, list[int]] = {}
+            for r in range(comm.size):
+                by_value.setdefault(float(table[r, k]), []).append(r)
+            shown = ", ".join(f"{_show(name, v)} on ranks {ranks}" for v, ranks in by_value.items())
+            lines.append(f"  {name}: {shown}")
+        raise RuntimeError(
+            f"SyncBatchNorm({self.num_features}) consistency check failed on rank "
+            f"{comm.rank} of {comm.size}: the ranks disagree on\n" + "\n".join(lines) +
+            "\nEvery rank must call every synchronized layer the same number of times, in "
+            "the same order and mode, with the same number of channels and dtype.")
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.debug:
+            # before local validation, so that a bad input on one rank
+            # raises on every rank instead of leaving the others waiting
+            self._check_agreement(input)
         self._check_input(input)
         # Same decisions as torch.nn.modules.batchnorm._BatchNorm.forward.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
@@ -165,6 +210,17 @@ class SyncBatchNorm(_BatchNorm):
 
 
 _LOCAL = LocalCommunicator()
+
+_DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
+
+
+def _show(field: str, value: float) -> str:
+    if field == "input dtype":
+        names = {code: str(dt) for dt, code in _DTYPE_CODES.items()}
+        return names.get(int(value), "not floating point")
+    if field == "training":
+        return "train" if value else "eval"
+    return str(int(value))
 
 
 def _copy_state(src: _BatchNorm, dst: _BatchNorm) -> None:
