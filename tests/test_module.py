@@ -1,0 +1,553 @@
+"""Single-process tests of ``syncbn.SyncBatchNorm`` against ``torch.nn.BatchNorm1d/2d/3d``.
+
+With one process the synchronized layer must behave exactly like plain batch
+norm: outputs, input and parameter gradients, running statistics and
+``num_batches_tracked``, step after step. The multi-process behaviour is in
+test_distributed.py.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+import syncbn
+from syncbn.comm import Communicator, LocalCommunicator
+
+C = 3
+
+# name: (input shape, reference class, memory format)
+LAYOUTS = {
+    "2d": ((6, C), nn.BatchNorm1d, torch.contiguous_format),
+    "3d": ((4, C, 5), nn.BatchNorm1d, torch.contiguous_format),
+    "4d": ((4, C, 5, 6), nn.BatchNorm2d, torch.contiguous_format),
+    "5d": ((3, C, 2, 4, 5), nn.BatchNorm3d, torch.contiguous_format),
+    "channels_last": ((4, C, 5, 6), nn.BatchNorm2d, torch.channels_last),
+    "channels_last_3d": ((3, C, 2, 4, 5), nn.BatchNorm3d, torch.channels_last_3d),
+}
+
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+}
+# float16 / bfloat16 against a float32 reference
+LOOSE_TOL = {
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=8e-2, rtol=5e-2),
+}
+
+
+def _make_pair(
+    ref_cls: type[nn.modules.batchnorm._BatchNorm],
+    dtype: torch.dtype,
+    seed: int = 0,
+    **kwargs,
+) -> tuple[syncbn.SyncBatchNorm, nn.Module]:
+    """A SyncBatchNorm and a torch reference with the same random affine parameters."""
+    ours = syncbn.SyncBatchNorm(C, dtype=dtype, **kwargs)
+    ref = ref_cls(C, dtype=dtype, **kwargs)
+    if ours.affine:
+        gen = torch.Generator().manual_seed(seed + 1000)
+        with torch.no_grad():
+            # not the default 1 and 0, so a dropped or swapped weight shows
+            ours.weight.copy_(torch.rand(C, generator=gen, dtype=torch.float64) + 0.5)
+            ours.bias.copy_(torch.randn(C, generator=gen, dtype=torch.float64))
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def _batch(
+    shape: tuple[int, ...],
+    gen: torch.Generator,
+    dtype: torch.dtype,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input (per-channel offset and scale, so channel mix-ups show) and a loss weight."""
+    bcast = (1, shape[1]) + (1,) * (len(shape) - 2)
+    offset = torch.arange(shape[1], dtype=torch.float64).view(bcast) * 3 - 2
+    scale = torch.arange(1, shape[1] + 1, dtype=torch.float64).view(bcast)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return x.to(dtype).contiguous(memory_format=memory_format), g.to(dtype)
+
+
+def _assert_close(actual: Optional[torch.Tensor], expected: Optional[torch.Tensor],
+                  what: str, tol: dict) -> None:
+    if expected is None:
+        assert actual is None, f"{what}: expected None (got a tensor)"
+        return
+    assert actual is not None, f"{what}: expected a tensor (got None)"
+    torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{what}: {m}")
+
+
+def _run_and_compare(
+    ours: nn.Module,
+    ref: nn.Module,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    steps: int = 3,
+    seed: int = 0,
+) -> None:
+    """Several forward/backward steps of both layers on the same data; everything must match."""
+    tol = TOL[dtype]
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        x, g = _batch(shape, gen, dtype, memory_format)
+        xa = x.clone().requires_grad_()
+        xb = x.clone().requires_grad_()
+        ya, yb = ours(xa), ref(xb)
+        (ya * g).sum().backward()
+        (yb * g).sum().backward()
+        _assert_close(ya, yb, f"step {step} output", tol)
+        assert ya.dtype == x.dtype
+        assert ya.is_contiguous(memory_format=memory_format), f"step {step}: output memory format"
+        _assert_close(xa.grad, xb.grad, f"step {step} input grad", tol)
+        for name in ("weight", "bias"):
+            pa, pb = getattr(ours, name), getattr(ref, name)
+            _assert_close(None if pa is None else pa.grad, None if pb is None else pb.grad,
+                          f"step {step} {name} grad", tol)
+        for name in ("running_mean", "running_var"):
+            _assert_close(getattr(ours, name), getattr(ref, name), f"step {step} {name}", tol)
+        ours.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+    _assert_close(ours.num_batches_tracked, ref.num_batches_tracked, "num_batches_tracked",
+                  dict(atol=0, rtol=0))
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None], ids=lambda m: f"momentum={m}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_matches_torch_batchnorm(layout: str, dtype: torch.dtype,
+                                 momentum: Optional[float]) -> None:
+    shape, ref_cls, fmt = LAYOUTS[layout]
+    ours, ref = _make_pair(ref_cls, dtype, momentum=momentum)
+    _run_and_compare(ours, ref, shape, dtype, fmt, steps=4)
+    assert int(ours.num_batches_tracked) == 4
+    # both passes synchronized each step (one collective each)
+    assert ours.communicator.calls == 2 * 4
+
+
+def test_comparison_can_fail() -> None:
+    # Negative control for the harness above: a reference with another
+    # momentum gives other running statistics, and the comparison says so.
+    shape, ref_cls, fmt = LAYOUTS["4d"]
+    ours = syncbn.SyncBatchNorm(C, momentum=0.1, dtype=torch.float64)
+    ref = ref_cls(C, momentum=0.3, dtype=torch.float64)
+    with pytest.raises(AssertionError, match="running_mean"):
+        _run_and_compare(ours, ref, shape, torch.float64, fmt)
+
+
+@pytest.mark.parametrize("layout", ["2d", "4d", "channels_last_3d"])
+def test_affine_false(layout: str) -> None:
+    shape, ref_cls, fmt = LAYOUTS[layout]
+    ours, ref = _make_pair(ref_cls, torch.float64, affine=False)
+    assert ours.weight is None and ours.bias is None
+    _run_and_compare(ours, ref, shape, torch.float64, fmt)
+
+
+@pytest.mark.parametrize("layout", ["2d", "4d", "channels_last"])
+def test_track_running_stats_false_uses_batch_stats_in_eval_too(layout: str) -> None:
+    shape, ref_cls, fmt = LAYOUTS[layout]
+    ours, ref = _make_pair(ref_cls, torch.float64, track_running_stats=False)
+    assert ours.running_mean is None and ours.running_var is None
+    assert ours.num_batches_tracked is None
+    _run_and_compare(ours, ref, shape, torch.float64, fmt)
+    ours.eval()
+    ref.eval()
+    calls = ours.communicator.calls
+    _run_and_compare(ours, ref, shape, torch.float64, fmt, seed=1)
+    # batch statistics in eval are local: nothing goes through the layer's group
+    assert ours.communicator.calls == calls
+    # and they really are batch statistics (torch's rule, stated directly)
+    x, _ = _batch(shape, torch.Generator().manual_seed(2), torch.float64, fmt)
+    expected = nn.functional.batch_norm(x, None, None, ours.weight, ours.bias, True, 0.0, ours.eps)
+    torch.testing.assert_close(ours(x), expected, **TOL[torch.float64])
+
+
+def test_track_running_stats_toggled_off_after_construction() -> None:
+    shape, ref_cls, fmt = LAYOUTS["4d"]
+    ours, ref = _make_pair(ref_cls, torch.float64)
+    _run_and_compare(ours, ref, shape, torch.float64, fmt, steps=2)
+    mean, var = ours.running_mean.clone(), ours.running_var.clone()
+    ours.track_running_stats = False
+    ref.track_running_stats = False
+    # training: batch statistics, buffers frozen (torch's rule)
+    _run_and_compare(ours, ref, shape, torch.float64, fmt, steps=2, seed=1)
+    assert torch.equal(ours.running_mean, mean) and torch.equal(ours.running_var, var)
+    assert int(ours.num_batches_tracked) == 2
+    # eval: the buffers still exist, so torch uses them; so must we
+    ours.eval()
+    ref.eval()
+    _run_and_compare(ours, ref, shape, torch.float64, fmt, steps=1, seed=2)
+
+
+@pytest.mark.parametrize("layout", ["2d", "4d", "channels_last", "5d"])
+def test_eval_uses_running_stats_without_allreduce(layout: str) -> None:
+    shape, ref_cls, fmt = LAYOUTS[layout]
+    ours, ref = _make_pair(ref_cls, torch.float64)
+    _run_and_compare(ours, ref, shape, torch.float64, fmt, steps=3)
+    calls = ours.communicator.calls
+    assert calls == 6
+    ours.eval()
+    ref.eval()
+    _run_and_compare(ours, ref, shape, torch.float64, fmt, steps=2, seed=7)
+    with torch.no_grad():
+        ours(torch.randn(shape, dtype=torch.float64))
+    assert ours.communicator.calls == calls, "eval must not communicate"
+    assert int(ours.num_batches_tracked) == 3
+    # negative control: eval output is not the batch-statistics output
+    x, _ = _batch(shape, torch.Generator().manual_seed(3), torch.float64, fmt)
+    y_eval = ours(x)
+    ours.train()
+    assert (ours(x) - y_eval).abs().max() > 1e-3
+
+
+def test_default_communicator_is_local() -> None:
+    layer = syncbn.SyncBatchNorm(C)
+    assert isinstance(layer.communicator, LocalCommunicator)
+    assert layer.communicator.calls == 0
+    assert isinstance(syncbn.SyncBatchNorm(C, process_group="local").communicator,
+                      LocalCommunicator)
+    comm = LocalCommunicator()
+    assert syncbn.SyncBatchNorm(C, process_group=comm).communicator is comm
+
+
+@pytest.mark.parametrize("x_requires_grad", [True, False])
+def test_no_grad_forward_allreduces_once_and_saves_nothing(x_requires_grad: bool) -> None:
+    shape, ref_cls, _ = LAYOUTS["4d"]
+    ours, ref = _make_pair(ref_cls, torch.float32)
+    x, _ = _batch(shape, torch.Generator().manual_seed(0), torch.float32)
+    x.requires_grad_(x_requires_grad)
+    with torch.no_grad():
+        y = ours(x)
+        y_ref = ref(x)
+    assert y.grad_fn is None and not y.requires_grad
+    assert ours.communicator.calls == 1
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, **TOL[torch.float32])
+    torch.testing.assert_close(ours.running_var, ref.running_var, **TOL[torch.float32])
+    assert int(ours.num_batches_tracked) == 1
+
+
+def test_nothing_requires_grad_saves_nothing() -> None:
+    ours = syncbn.SyncBatchNorm(C, affine=False)
+    y = ours(torch.randn(4, C, 5))
+    assert y.grad_fn is None
+    assert ours.communicator.calls == 1
+
+
+def test_backward_allreduces_only_when_input_needs_grad() -> None:
+    shape, ref_cls, _ = LAYOUTS["4d"]
+    ours, ref = _make_pair(ref_cls, torch.float64)
+    x, g = _batch(shape, torch.Generator().manual_seed(0), torch.float64)
+    (ours(x) * g).sum().backward()   # only weight and bias need grads
+    (ref(x) * g).sum().backward()
+    assert ours.communicator.calls == 1
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, **TOL[torch.float64])
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("layout", ["3d", "4d", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_against_float32_reference(dtype: torch.dtype, layout: str) -> None:
+    shape, ref_cls, fmt = LAYOUTS[layout]
+    ours, _ = _make_pair(ref_cls, dtype)
+    ref = ref_cls(C)
+    ref.load_state_dict({k: v.float() if v.is_floating_point() else v
+                         for k, v in ours.state_dict().items()})
+    tol = LOOSE_TOL[dtype]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        x, g = _batch(shape, gen, dtype, fmt)
+        xa = x.clone().requires_grad_()
+        xb = x.float().requires_grad_()
+        ya, yb = ours(xa), ref(xb)
+        (ya * g).sum().backward()
+        (yb * g.float()).sum().backward()
+        assert ya.dtype == dtype and xa.grad.dtype == dtype
+        assert ya.is_contiguous(memory_format=fmt)
+        for p in (ours.weight, ours.bias, ours.running_mean, ours.running_var):
+            assert p.dtype == dtype
+        assert ours.weight.grad.dtype == dtype and ours.bias.grad.dtype == dtype
+        _assert_close(ya.float(), yb, f"step {step} output", tol)
+        # input grads are differences of O(1) terms: compare relative to their scale
+        scale = xb.grad.abs().max()
+        _assert_close(xa.grad.float() / scale, xb.grad / scale, f"step {step} input grad", tol)
+        for name in ("weight", "bias"):
+            ga, gb = getattr(ours, name).grad.float(), getattr(ref, name).grad
+            _assert_close(ga / gb.abs().max(), gb / gb.abs().max(), f"step {step} {name} grad", tol)
+        for name in ("running_mean", "running_var"):
+            _assert_close(getattr(ours, name).float(), getattr(ref, name), name, tol)
+        ours.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+
+
+def test_batch_of_one_with_spatial_extent_is_valid() -> None:
+    ours, ref = _make_pair(nn.BatchNorm1d, torch.float64)
+    _run_and_compare(ours, ref, (1, C, 5), torch.float64)
+    ours, ref = _make_pair(nn.BatchNorm2d, torch.float64)
+    _run_and_compare(ours, ref, (1, C, 1, 2), torch.float64)
+
+
+@pytest.mark.parametrize("shape", [(1, C), (1, C, 1), (1, C, 1, 1), (1, C, 1, 1, 1)],
+                         ids=lambda s: f"{len(s)}d")
+def test_one_value_per_channel_raises(shape: tuple[int, ...]) -> None:
+    layer = syncbn.SyncBatchNorm(C)
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer(torch.randn(shape, requires_grad=True))
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a failed forward"
+    # the layer is still usable afterwards
+    ours, ref = _make_pair(nn.BatchNorm2d, torch.float64)
+    with pytest.raises(ValueError):
+        ours(torch.randn(shape, dtype=torch.float64))
+    _run_and_compare(ours, ref, (2, C, 2, 2), torch.float64)
+    # one value per channel is fine in eval (running statistics)
+    layer.eval()
+    assert layer(torch.randn(shape)).shape == shape
+
+
+@pytest.mark.parametrize("layout", ["2d", "4d", "channels_last", "5d"])
+def test_empty_batch(layout: str) -> None:
+    shape, ref_cls, fmt = LAYOUTS[layout]
+    ours, ref = _make_pair(ref_cls, torch.float32, momentum=None)
+    _run_and_compare(ours, ref, shape, torch.float32, fmt, steps=1)
+    state = copy.deepcopy(ours.state_dict())
+    x = torch.randn((0,) + shape[1:]).contiguous(memory_format=fmt).requires_grad_()
+    y = ours(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    (y * 2).sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.isfinite(ours.weight.grad).all() and torch.isfinite(ours.bias.grad).all()
+    assert not ours.weight.grad.any() and not ours.bias.grad.any()
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, state[k]), f"{k} changed by an empty batch"
+    ours.zero_grad(set_to_none=True)
+    # the layer goes on exactly as if the empty batch had not been seen
+    # (momentum=None: the cumulative average counts only real batches)
+    _run_and_compare(ours, ref, shape, torch.float32, fmt, steps=2, seed=5)
+    assert int(ours.num_batches_tracked) == 3
+    with torch.no_grad():
+        assert ours(x).shape == x.shape
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d"])
+def test_empty_batch_keeps_memory_format(layout: str) -> None:
+    shape, ref_cls, fmt = LAYOUTS[layout]
+    x = torch.randn((0,) + shape[1:]).contiguous(memory_format=fmt)
+    expected = ref_cls(C)(x)
+    assert expected.stride() == x.stride()          # torch keeps the input's strides
+    y = syncbn.SyncBatchNorm(C)(x)
+    assert y.stride() == x.stride(), f"strides {y.stride()} (input {x.stride()})"
+
+
+def test_bad_inputs_raise_with_expected_and_got() -> None:
+    layer = syncbn.SyncBatchNorm(C)
+    with pytest.raises(ValueError, match=r"(?s)expected.*2 dimensions.*got 1D"):
+        layer(torch.randn(C))
+    with pytest.raises(ValueError, match=r"(?s)expected.*3 channels.*got 2"):
+        layer(torch.randn(4, 2, 5))
+    with pytest.raises(TypeError, match=r"(?s)expected.*floating.*got torch\.int64"):
+        layer(torch.ones(4, C, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"(?s)expected.*2 dimensions.*got 0D"):
+        layer(torch.tensor(1.0))
+    # rejected before any collective or state change
+    assert layer.communicator.calls == 0
+    assert int(layer.num_batches_tracked) == 0
+    # eval checks the input too
+    layer.eval()
+    with pytest.raises(ValueError, match=r"(?s)expected.*3 channels.*got 4"):
+        layer(torch.randn(4, 4, 5))
+
+
+@pytest.mark.parametrize("other_cls", [nn.BatchNorm2d, nn.SyncBatchNorm])
+def test_state_dict_compatible_both_ways(other_cls: type[nn.Module]) -> None:
+    ours, _ = _make_pair(nn.BatchNorm2d, torch.float64)
+    ours(torch.randn(4, C, 3, 3, dtype=torch.float64))
+    other = other_cls(C, dtype=torch.float64)
+    assert list(ours.state_dict()) == list(other.state_dict())
+    # ours -> torch
+    other.load_state_dict(ours.state_dict())
+    for k, v in ours.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k
+    # torch -> ours
+    with torch.no_grad():
+        other.weight.mul_(2)
+        other.running_mean.add_(1)
+        other.num_batches_tracked.add_(5)
+    fresh = syncbn.SyncBatchNorm(C, dtype=torch.float64)
+    fresh.load_state_dict(other.state_dict())
+    for k, v in other.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    x = torch.randn(4, C, 3, 3, dtype=torch.float64)
+    other_eval = nn.BatchNorm2d(C, dtype=torch.float64)
+    other_eval.load_state_dict(other.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), other_eval.eval()(x), **TOL[torch.float64])
+
+
+def test_not_a_torch_syncbatchnorm() -> None:
+    # DDP refuses torch.nn.SyncBatchNorm on CPU; ours must not look like one
+    assert not isinstance(syncbn.SyncBatchNorm(C), nn.SyncBatchNorm)
+    assert isinstance(syncbn.SyncBatchNorm(C), nn.modules.batchnorm._BatchNorm)
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(C, 4, 3, padding=1),
+        nn.BatchNorm2d(4, momentum=0.3, eps=1e-3),
+        nn.Sequential(
+            nn.ReLU(),
+            nn.InstanceNorm2d(4, affine=True),
+            nn.GroupNorm(2, 4),
+            nn.SyncBatchNorm(4),
+            nn.Sequential(nn.BatchNorm2d(4, affine=False, track_running_stats=False)),
+        ),
+        nn.Flatten(2),
+        nn.BatchNorm1d(4),
+        nn.LayerNorm(16),
+    )
+
+
+def test_convert_sync_batchnorm() -> None:
+    torch.manual_seed(0)
+    model = _model()
+    model[2][3].eval()      # a training flag that differs from its parent's
+    before = dict(model.named_modules())
+    comm = LocalCommunicator()
+    converted = syncbn.convert_sync_batchnorm(model, process_group=comm)
+    assert converted is model
+    after = dict(converted.named_modules())
+    assert list(after) == list(before)
+    bn_names = ["1", "2.3", "2.4.0", "4"]
+    for name, old in before.items():
+        new = after[name]
+        if name in bn_names:
+            assert type(new) is syncbn.SyncBatchNorm, name
+            for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats",
+                         "training"):
+                assert getattr(new, attr) == getattr(old, attr), (name, attr)
+            for attr in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                assert getattr(new, attr) is getattr(old, attr), (name, attr)
+            assert new.process_group is comm and new.communicator is comm
+        elif name:
+            assert new is old, f"{name} ({type(old).__name__}) must be left alone"
+    assert not after["2.3"].training and after["1"].training
+    assert isinstance(after["2.1"], nn.InstanceNorm2d) and isinstance(after["2.2"], nn.GroupNorm)
+    # the converted model's parameters are the original ones (an optimizer keeps working)
+    assert [id(p) for p in converted.parameters()] == [id(p) for p in before[""].parameters()]
+
+
+def test_convert_single_layer_and_classmethod() -> None:
+    bn = nn.BatchNorm3d(C, momentum=None)
+    out = syncbn.SyncBatchNorm.convert_sync_batchnorm(bn, process_group="local")
+    assert type(out) is syncbn.SyncBatchNorm and out is not bn
+    assert out.weight is bn.weight and out.momentum is None
+    assert isinstance(out.communicator, LocalCommunicator)
+    ours = syncbn.SyncBatchNorm(C)
+    assert syncbn.convert_sync_batchnorm(ours) is ours
+
+
+def test_converted_model_matches_original_in_one_process() -> None:
+    torch.manual_seed(0)
+    ref = _model().double()
+    model = syncbn.convert_sync_batchnorm(copy.deepcopy(ref))
+    for step in range(2):
+        x = torch.randn(3, C, 4, 4, dtype=torch.float64)
+        ya, yb = model(x), ref(x)
+        torch.testing.assert_close(ya, yb, **TOL[torch.float64])
+        ya.sum().backward()
+        yb.sum().backward()
+    for (name, pa), pb in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, **TOL[torch.float64], msg=name)
+    for (name, ba), bb in zip(model.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(ba, bb, **TOL[torch.float64], msg=name)
+
+
+def test_revert_sync_batchnorm() -> None:
+    torch.manual_seed(0)
+    model = syncbn.convert_sync_batchnorm(_model().double())
+    model(torch.randn(4, C, 4, 4, dtype=torch.float64))   # non-trivial running stats
+    model.eval()
+    x = torch.randn(2, C, 4, 4, dtype=torch.float64)
+    expected = model(x)
+    before = dict(model.named_modules())
+    reverted = syncbn.revert_sync_batchnorm(model)
+    for name, new in reverted.named_modules():
+        assert not isinstance(new, (syncbn.SyncBatchNorm, nn.SyncBatchNorm)), name
+        old = before[name]
+        if isinstance(old, syncbn.SyncBatchNorm):
+            assert isinstance(new, nn.modules.batchnorm._BatchNorm)
+            for attr in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                assert getattr(new, attr) is getattr(old, attr), (name, attr)
+            assert new.training == old.training
+            assert (new.eps, new.momentum, new.affine) == (old.eps, old.momentum, old.affine)
+    torch.testing.assert_close(reverted(x), expected, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("layer", [syncbn.SyncBatchNorm(C), nn.SyncBatchNorm(C)],
+                         ids=["syncbn", "torch"])
+def test_reverted_layer_takes_any_rank(layer: nn.Module) -> None:
+    with torch.no_grad():
+        layer.running_mean.uniform_()
+        layer.running_var.uniform_(0.5, 2)
+        layer.weight.uniform_()
+    layer.eval()
+    reverted = syncbn.revert_sync_batchnorm(layer)
+    assert reverted is not layer and not isinstance(reverted, nn.SyncBatchNorm)
+    for shape in [(4, C), (4, C, 5), (4, C, 5, 6), (2, C, 2, 3, 4)]:
+        x = torch.randn(shape)
+        expected = nn.functional.batch_norm(x, layer.running_mean, layer.running_var,
+                                            layer.weight, layer.bias, False, 0.0, layer.eps)
+        torch.testing.assert_close(reverted(x), expected)
+        if isinstance(layer, syncbn.SyncBatchNorm):
+            torch.testing.assert_close(layer(x), expected)
+    # train mode works too after revert (single process, plain batch norm)
+    reverted.train()
+    assert reverted(torch.randn(3, C, 2, 2, 2)).shape == (3, C, 2, 2, 2)
+
+
+@pytest.mark.parametrize("layout", ["2d", "3d", "channels_last"])
+def test_gradcheck(layout: str) -> None:
+    shape, _, fmt = LAYOUTS[layout]
+    shape = (shape[0],) + shape[1:3] + tuple(min(s, 2) for s in shape[3:])
+    layer = syncbn.SyncBatchNorm(C, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    x, _ = _batch(shape, gen, torch.float64, fmt)
+    w = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(C, generator=gen, dtype=torch.float64).requires_grad_()
+
+    def f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return functional_call(layer, {"weight": w, "bias": b}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(), w, b))
+
+
+def test_gradcheck_without_affine() -> None:
+    layer = syncbn.SyncBatchNorm(C, affine=False, dtype=torch.float64)
+    x, _ = _batch((3, C, 4), torch.Generator().manual_seed(0), torch.float64)
+    assert torch.autograd.gradcheck(layer, (x.requires_grad_(),))
+
+
+def test_communicator_interface_is_used() -> None:
+    # a user-supplied Communicator is used as is, one allreduce per pass
+    class Recording(Communicator):
+        rank, size = 0, 1
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.sizes: list[int] = []
+
+        def _allreduce(self, buf: torch.Tensor) -> None:
+            self.sizes.append(buf.numel())
+
+    comm = Recording()
+    layer = syncbn.SyncBatchNorm(C, process_group=comm)
+    x = torch.randn(4, C, 5, requires_grad=True)
+    layer(x).sum().backward()
+    assert comm.sizes == [2 * C + 1, 2 * C]
