@@ -30,57 +30,105 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 class _Layout(NamedTuple):
-    rows: bool          # True: (M, C) rows (2-D, channels-last); False: (N, C, L)
-    perm: tuple[int, ...]
+    """How a tensor ``(N, C, *spatial)`` is laid out for the kernels."""
+
+    rows: bool              # True: (M, C) rows (2-D, channels-last); False: (N, C, L)
+    shape: tuple[int, ...]  # the tensor's shape
+
+    @property
+    def perm(self) -> tuple[int, ...]:
+        """Axis order that makes a rows-layout tensor C-contiguous (channels last)."""
+        return (0, *range(2, len(self.shape)), 1)
+
+    def view(self, a: np.ndarray) -> Optional[np.ndarray]:
+        """Zero-copy kernel view of ``a`` (numpy, logical shape), or None if none exists."""
+        C = self.shape[1]
+        if self.rows:
+            a = a.transpose(self.perm)
+            return a.reshape(-1, C) if a.flags.c_contiguous else None
+        if not a.flags.c_contiguous:
+            return None
+        return a.reshape(self.shape[0], C, math.prod(self.shape[2:]))
+
+    def empty(self, dtype: np.dtype) -> tuple[np.ndarray, torch.Tensor]:
+        """A new array in kernel layout, and the tensor of logical shape on its memory."""
+        C = self.shape[1]
+        if self.rows:
+            perm = self.perm
+            shape = tuple(self.shape[p] for p in perm)
+            a = np.empty(shape, dtype=dtype)
+            inverse = tuple(perm.index(i) for i in range(len(perm)))
+            return a.reshape(-1, C), torch.from_numpy(a).permute(inverse)
+        a = np.empty(self.shape, dtype=dtype)
+        return a.reshape(self.shape[0], C, math.prod(self.shape[2:])), torch.from_numpy(a)
 
 
-def _layout(x: torch.Tensor) -> tuple[torch.Tensor, _Layout]:
-    """Pick the kernel layout that views ``x`` without a copy (copy only if none does)."""
-    perm = (0, *range(2, x.dim()), 1)
-    spatial = 1
-    for s in x.shape[2:]:
-        spatial *= s
-    if x.is_contiguous() and (x.dim() == 2 or spatial > 1):
-        return x, _Layout(rows=x.dim() == 2, perm=perm)
-    if x.permute(perm).is_contiguous():  # channels-last (or spatial size 1)
-        return x, _Layout(rows=True, perm=perm)
-    return x.contiguous(), _Layout(rows=False, perm=perm)
+def _kernel_input(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, _Layout]:
+    """``x`` as the kernels read it: (tensor kept alive, numpy view, layout).
+
+    Contiguous and channels-last inputs are viewed in place; only other
+    strides (or float16/bfloat16, widened to float32) cost a copy.
+    """
+    if x.dtype not in _KERNEL_DTYPES:
+        x = x.float()  # keeps the memory format
+    a = x.detach().numpy()
+    shape = tuple(x.shape)
+    spatial = math.prod(shape[2:])
+    # (N, C, 1, 1) is contiguous both ways: rows keep the channel loop innermost
+    for layout in (_Layout(rows=x.dim() == 2 or spatial == 1, shape=shape),
+                   _Layout(rows=True, shape=shape)):
+        v = layout.view(a)
+        if v is not None:
+            return x, v, layout
+    x = x.contiguous()
+    layout = _Layout(rows=False, shape=shape)
+    return x, layout.view(x.detach().numpy()), layout
 
 
-def _view(t: torch.Tensor, layout: _Layout) -> np.ndarray:
-    """Zero-copy numpy view of ``t`` as ``(M, C)`` rows or ``(N, C, L)``."""
-    C = t.shape[1]
-    if layout.rows:
-        return t.detach().permute(layout.perm).numpy().reshape(-1, C)
-    return t.detach().numpy().reshape(t.shape[0], C, math.prod(t.shape[2:]))
+def _like_input(t: torch.Tensor, layout: _Layout, dtype: torch.dtype) -> np.ndarray:
+    """``t`` (e.g. the output gradient) as a kernel view in ``layout``, copied if needed."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    a = t.detach().numpy()
+    v = layout.view(a)
+    if v is None:  # e.g. an expanded gradient: one contiguous copy in the right order
+        v, _ = layout.empty(a.dtype)
+        if layout.rows:
+            v.reshape([layout.shape[p] for p in layout.perm])[...] = a.transpose(layout.perm)
+        else:
+            v.reshape(layout.shape)[...] = a
+    return v
 
 
-def _empty_like(t: torch.Tensor, layout: _Layout) -> torch.Tensor:
-    """An uninitialized tensor shaped like ``t`` whose memory is in ``layout``."""
-    if layout.rows:
-        inverse = [0] * len(layout.perm)
-        for i, p in enumerate(layout.perm):
-            inverse[p] = i
-        shape = [t.shape[p] for p in layout.perm]
-        return torch.empty(shape, dtype=t.dtype).permute(inverse)
-    return torch.empty(t.shape, dtype=t.dtype)
-
-
-def _to_kernel(t: torch.Tensor, layout: _Layout) -> torch.Tensor:
-    """``t`` in a dtype the kernels take, in ``layout``'s memory order."""
-    if t.dtype not in _KERNEL_DTYPES:
-        t = t.float()
-    if layout.rows:
-        if not t.permute(layout.perm).is_contiguous():
-            out = _empty_like(t, layout)
-            out.copy_(t)
-            return out
-        return t
-    return t.contiguous()
+# torch dtypes that numpy can view directly (bfloat16 cannot)
+_NUMPY_VIEWABLE = (torch.float32, torch.float64, torch.float16)
 
 
 def _vec(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
-    return None if t is None else t.detach().to(torch.float64).numpy()
+    """A per-channel parameter as float64 numpy (numpy casts cost far less than torch ops)."""
+    if t is None:
+        return None
+    if t.dtype in _NUMPY_VIEWABLE:
+        return t.detach().numpy().astype(np.float64)
+    return t.detach().to(torch.float64).numpy()
+
+
+def _from_vec(v: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A float64 numpy vector as a new tensor of ``dtype``."""
+    if dtype in _NUMPY_VIEWABLE:
+        return torch.from_numpy(v.astype(_NUMPY_DTYPE[dtype]))
+    return torch.from_numpy(v).to(dtype)
+
+
+_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
+def _lerp_(buf: torch.Tensor, target: np.ndarray, factor: float) -> None:
+    """``buf += factor * (target - buf)`` in place (buf: a running-statistics buffer).
+
+    A torch op, not a numpy one, so autograd's version counter sees the change.
+    """
+    buf.lerp_(_from_vec(target, buf.dtype), factor)
 
 
 class _Stats(NamedTuple):
@@ -90,17 +138,16 @@ class _Stats(NamedTuple):
 
 
 def _global_stats(
-    xk: torch.Tensor,
-    layout: _Layout,
+    xv: np.ndarray,
     shift: torch.Tensor,
     eps: float,
     comm: Communicator,
 ) -> tuple[_Stats, np.ndarray]:
     """Global count, mean and invstd after one allreduce; also the biased variance."""
-    C = xk.shape[1]
+    C = xv.shape[1]
     buf = torch.empty(2 * C + 1, dtype=torch.float64)
     b = buf.numpy()
-    _kernels.local_stats(_view(xk, layout), shift.numpy(), b, torch.get_num_threads())
+    _kernels.local_stats(xv, shift.numpy(), b, torch.get_num_threads())
     # Every rank joins, even with no samples: the others are waiting in this
     # same collective, and an empty shard contributes exact zeros.
     comm.allreduce_(buf)
@@ -108,7 +155,7 @@ def _global_stats(
     if n == 1:
         raise ValueError(
             "Expected more than 1 value per channel when training, got a global "
-            f"batch of 1 value per channel (local input size {list(xk.shape)})")
+            f"batch of 1 value per channel (local input of {xv.size} values)")
     if n == 0:
         return _Stats(0.0, np.zeros(C), np.zeros(C)), np.zeros(C)
     d = b[:C] / n                               # mean - shift
@@ -136,10 +183,9 @@ def _update_running(
     else:
         factor = momentum
     n = stats.count
-    unbiased = var * (n / (n - 1))
     with torch.no_grad():
-        running_mean.lerp_(torch.from_numpy(stats.mean).to(running_mean.dtype), factor)
-        running_var.lerp_(torch.from_numpy(unbiased).to(running_var.dtype), factor)
+        _lerp_(running_mean, stats.mean, factor)
+        _lerp_(running_var, var * (n / (n - 1)), factor)
 
 
 def _forward(
@@ -155,22 +201,21 @@ def _forward(
     comm: Communicator,
 ) -> tuple[torch.Tensor, torch.Tensor, _Layout, _Stats]:
     """Shared forward: returns output, the kernel-dtype input, its layout and the stats."""
-    x, layout = _layout(x)
-    xk = _to_kernel(x, layout)
-    stats, var = _global_stats(xk, layout, shift, eps, comm)
+    xk, xv, layout = _kernel_input(x)
+    stats, var = _global_stats(xv, shift, eps, comm)
     if stats.count == 0:
-        return _empty_like(x, layout), xk, layout, stats
+        return torch.empty_like(x), xk, layout, stats
     _update_running(running_mean, running_var, num_batches_tracked, momentum, stats, var)
     # The next call's common shift is this call's global mean: identical on
     # every rank (it comes out of the allreduce) and close to the next batch's
     # mean, which keeps the shifted sums free of cancellation.
     # (A non-finite mean, from NaN/Inf input, must not poison later calls.)
-    finite = np.isfinite(stats.mean)
-    shift.numpy()[finite] = stats.mean[finite]
-    yk = _empty_like(xk, layout)
-    _kernels.normalize(_view(xk, layout), stats.mean, stats.invstd, _vec(weight), _vec(bias),
-                       _view(yk, layout), torch.get_num_threads())
-    y = yk if yk.dtype == x.dtype else yk.to(x.dtype)
+    np.copyto(shift.numpy(), stats.mean, where=np.isfinite(stats.mean))
+    yv, y = layout.empty(xv.dtype)
+    _kernels.normalize(xv, stats.mean, stats.invstd, _vec(weight), _vec(bias), yv,
+                       torch.get_num_threads())
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
     return y, xk, layout, stats
 
 
@@ -193,10 +238,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         y, xk, layout, stats = _forward(x, weight, bias, running_mean, running_var,
                                         num_batches_tracked, shift, eps, momentum, comm)
-        # The input is saved as given when the kernels read it directly; a
-        # float16/bfloat16 input is saved in its own dtype and widened again
-        # in backward, so the saved activation costs no more than torch's.
+        # Saved: the tensor the kernels read (the input itself, unless it
+        # needed a copy); a float16/bfloat16 input is saved as it came and
+        # widened again in backward, so it costs no more memory than torch's.
         ctx.save_for_backward(xk if xk.dtype == x.dtype else x, weight)
+        ctx.input_dtype, ctx.kernel_dtype = x.dtype, xk.dtype
         ctx.layout, ctx.stats, ctx.comm = layout, stats, comm
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
@@ -211,28 +257,27 @@ class SyncBatchNormFunction(torch.autograd.Function):
         C = x.shape[1]
         if stats.count == 0:
             # every rank saw a global count of 0 and skips the collective alike
-            return (torch.zeros_like(grad_out) if need_x else None,
+            return (torch.zeros_like(grad_out, dtype=ctx.input_dtype) if need_x else None,
                     torch.zeros(C, dtype=weight.dtype) if need_w else None,
                     torch.zeros(C, dtype=ctx.bias_dtype) if need_b else None,
                     *([None] * 7))
-        xk = _to_kernel(x, layout)
-        dyk = _to_kernel(grad_out, layout)
+        xv = _like_input(x, layout, ctx.kernel_dtype)
+        dyv = _like_input(grad_out, layout, ctx.kernel_dtype)
         buf = torch.empty(2 * C, dtype=torch.float64)
         b = buf.numpy()
-        xv, dyv = _view(xk, layout), _view(dyk, layout)
         nt = torch.get_num_threads()
         _kernels.backward_reduce(dyv, xv, stats.mean, b, nt)
         # parameter gradients are local sums, taken before the buffer is reduced
-        grad_w = torch.from_numpy(b[C:] * stats.invstd).to(weight.dtype) if need_w else None
-        grad_b = torch.from_numpy(b[:C].copy()).to(ctx.bias_dtype) if need_b else None
+        grad_w = _from_vec(b[C:] * stats.invstd, weight.dtype) if need_w else None
+        grad_b = _from_vec(b[:C], ctx.bias_dtype) if need_b else None
         grad_x = None
         if need_x:
             comm.allreduce_(buf)
-            dxk = _empty_like(xk, layout)
+            dxv, grad_x = layout.empty(xv.dtype)
             _kernels.backward_input(dyv, xv, stats.mean, stats.invstd, _vec(weight),
-                                    b[:C] / stats.count, b[C:] / stats.count,
-                                    _view(dxk, layout), nt)
-            grad_x = dxk if dxk.dtype == grad_out.dtype else dxk.to(grad_out.dtype)
+                                    b[:C] / stats.count, b[C:] / stats.count, dxv, nt)
+            if grad_x.dtype != ctx.input_dtype:
+                grad_x = grad_x.to(ctx.input_dtype)
         return (grad_x, grad_w, grad_b, *([None] * 7))
 
 
