@@ -69,7 +69,7 @@ def make_batch(shape: Shape, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def make_layer(peer: str, shape: Shape, comm: str) -> Optional[torch.nn.Module]:
-    """The layer of ``peer`` for ``shape``, or None where it does not apply (n/a).
+    """The layer of ``peer`` for ``shape``, or None where it does not apply or is not installed (n/a).
 
     ``comm`` is syncbn's ``process_group``. fairscale's layer synchronizes only
     when torch.distributed is initialized (otherwise it silently falls back to
@@ -86,14 +86,19 @@ def make_layer(peer: str, shape: Shape, comm: str) -> Optional[torch.nn.Module]:
             return None  # a BatchNorm2d subclass: 4-D input only
         if not dist.is_initialized():
             raise RuntimeError("fairscale's SyncBatchNorm needs torch.distributed initialized")
-        return _fairscale_sync_bn()(C)
+        cls = _fairscale_sync_bn()
+        return None if cls is None else cls(C)
     raise ValueError(f"unknown peer {peer!r}")
 
 
-def _fairscale_sync_bn() -> type:
+def _fairscale_sync_bn() -> Optional[type]:
+    """fairscale's layer, or None (reported as n/a) if fairscale is not installed."""
     with warnings.catch_warnings():  # its package __init__ warns about CUDA amp decorators
         warnings.simplefilter("ignore", FutureWarning)
-        from fairscale.experimental.nn import SyncBatchNorm
+        try:
+            from fairscale.experimental.nn import SyncBatchNorm
+        except ImportError:
+            return None
     # its backward warns on every call (a deprecated resize_as)
     warnings.filterwarnings("ignore", message="non-inplace resize_as is deprecated")
     return SyncBatchNorm
