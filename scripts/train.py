@@ -25,6 +25,7 @@ import inspect
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional, Sequence
@@ -47,8 +48,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="images per process per step (default: 8)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, momentum 0.9 (default: 0.05)")
     p.add_argument("--seed", type=int, default=0, help="initial weights and shuffling (default: 0)")
-    p.add_argument("--comm", choices=["auto", "mpi", "torch"], default="auto",
-                   help="what SyncBatchNorm communicates over; auto: mpi under mpirun, torch under torchrun")
+    p.add_argument("--comm", choices=["auto", "mpi", "torch", "local"], default="auto",
+                   help="what SyncBatchNorm communicates over; auto: mpi under mpirun, torch under torchrun; "
+                        "local: no synchronization, each rank normalizes its own shard (for comparison)")
     p.add_argument("--threads", type=int, default=1, help="threads per process, torch and syncbn kernels (default: 1)")
     p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (for tests)")
     p.add_argument("--check", action="store_true",
@@ -139,12 +141,10 @@ def detect_launcher() -> str:
 
 def resolve_comm(requested: str, launcher: str) -> str:
     """The process_group string for SyncBatchNorm under this launcher."""
-    if launcher == "single":
-        if requested == "torch":
-            sys.exit("--comm torch needs a distributed launch (torchrun or mpirun)")
-        return "mpi" if requested == "mpi" else "local"
     if requested == "auto":
-        return "mpi" if launcher == "mpirun" else "torch"
+        return {"mpirun": "mpi", "torchrun": "torch"}.get(launcher, "local")
+    if requested == "torch" and launcher == "single":
+        sys.exit("--comm torch needs a distributed launch (torchrun or mpirun)")
     if requested == "mpi" and launcher == "torchrun":
         # Each torchrun worker is its own one-process MPI world: nothing would be synchronized.
         sys.exit("--comm mpi needs mpirun (under torchrun every process is its own MPI world)")
@@ -166,13 +166,15 @@ def import_syncbn(threads: int) -> ModuleType:
     return syncbn
 
 
-def setup_distributed(launcher: str, syncbn: ModuleType) -> tuple[int, int]:
+def setup_distributed(launcher: str) -> tuple[int, int]:
     """Start torch.distributed (gloo) for DDP; returns (rank, world_size)."""
     if launcher == "torchrun":
         dist.init_process_group("gloo")
         return dist.get_rank(), dist.get_world_size()
     if launcher == "mpirun":
-        return syncbn.init_process_group_from_mpi("gloo")
+        from syncbn.launch import init_process_group_from_mpi
+
+        return init_process_group_from_mpi("gloo")
     return 0, 1
 
 
@@ -197,7 +199,7 @@ def train(args: argparse.Namespace) -> None:
     syncbn = import_syncbn(args.threads)
     launcher = detect_launcher()
     comm = resolve_comm(args.comm, launcher)
-    rank, world_size = setup_distributed(launcher, syncbn)
+    rank, world_size = setup_distributed(launcher)
     distributed = dist.is_initialized()
     say = print if rank == 0 else (lambda *a, **k: None)
 
@@ -286,8 +288,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if args.eval_only:
         evaluate_checkpoint(args)
-    else:
+        return
+    try:
         train(args)
+    except Exception:
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            # Under a plain `mpirun python train.py`, the other ranks would wait
+            # in their next collective forever: take the whole job down.
+            traceback.print_exc()
+            sys.stderr.flush()
+            mpi.COMM_WORLD.Abort(1)
+        raise
 
 
 if __name__ == "__main__":

