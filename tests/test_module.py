@@ -139,6 +139,65 @@ def test_matches_torch_batchnorm(layout: str, dtype: torch.dtype,
     assert ours.communicator.calls == 2 * 4
 
 
+@pytest.mark.parametrize("make", [
+    lambda t: t[:, :, ::2],                      # strided slice
+    lambda t: t.permute(0, 1, 3, 2),             # H and W swapped in memory
+    lambda t: t[:, :, :1, :1].contiguous(),      # (N, C, 1, 1): both layouts at once
+    lambda t: t[:, :, 0, :].transpose(0, 2),     # (W, C, N) view, 3-D, no contiguous axis order
+    lambda t: t[:, :, 0, 0].t().contiguous().t(),  # 2-D, column-major
+], ids=["strided", "permuted", "spatial_1x1", "transposed_3d", "column_major_2d"])
+def test_non_contiguous_inputs(make) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, _ = _batch((4, C, 6, 8), gen, torch.float64)
+    x = make(x)
+    ours, ref = _make_pair(LAYOUTS[{2: "2d", 3: "3d", 4: "4d"}[x.dim()]][1], torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    (ours(xa) * g).sum().backward()
+    (ref(xb) * g).sum().backward()
+    torch.testing.assert_close(ours(x.clone()), ref(x.clone()), **TOL[torch.float64])
+    torch.testing.assert_close(xa.grad, xb.grad, **TOL[torch.float64])
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, **TOL[torch.float64])
+    torch.testing.assert_close(ours.running_var, ref.running_var, **TOL[torch.float64])
+
+
+def test_expanded_output_gradient() -> None:
+    # an output gradient with stride 0 (from expand) and a channels-last input
+    ours, ref = _make_pair(nn.BatchNorm2d, torch.float64)
+    x, g = _batch((4, C, 3, 3), torch.Generator().manual_seed(0), torch.float64,
+                  torch.channels_last)
+    g = g[..., :1].expand(x.shape)
+    assert 0 in g.stride()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours(xa).backward(g)
+    ref(xb).backward(g)
+    assert xb.grad.abs().max() > 1e-3          # not a trivially zero gradient
+    torch.testing.assert_close(xa.grad, xb.grad, **TOL[torch.float64])
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, **TOL[torch.float64])
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, **TOL[torch.float64])
+
+
+def test_nan_batch_does_not_poison_later_batches() -> None:
+    ours, ref = _make_pair(nn.BatchNorm1d, torch.float64, track_running_stats=False)
+    x = torch.randn(4, C, 5, dtype=torch.float64)
+    x[0, 1, 0] = float("nan")
+    assert ours(x)[:, 1].isnan().all() and not ours(x)[:, 0].isnan().any()
+    _run_and_compare(ours, ref, (4, C, 5), torch.float64)
+
+
+def test_double_backward_is_refused_not_silently_dropped() -> None:
+    # torch's batch norm supports double backward (e.g. gradient penalties).
+    # Ours need not, but then it must say so: an input gradient built with
+    # create_graph=True that silently carries no graph drops the
+    # second-order terms of any loss that also has other paths.
+    layer = syncbn.SyncBatchNorm(C, dtype=torch.float64)
+    x = torch.randn(4, C, 5, dtype=torch.float64, requires_grad=True)
+    gx, = torch.autograd.grad(layer(x).pow(3).sum(), x, create_graph=True)
+    assert gx.requires_grad, "create_graph=True gave an input gradient without a graph"
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (gx.square().sum() + x.sum()).backward()
+
+
 def test_comparison_can_fail() -> None:
     # Negative control for the harness above: a reference with another
     # momentum gives other running statistics, and the comparison says so.
@@ -294,6 +353,28 @@ def test_half_precision_against_float32_reference(dtype: torch.dtype, layout: st
         ref.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_input_with_float32_params(dtype: torch.dtype) -> None:
+    # torch's CPU batch norm takes this mix too: output in the input's dtype,
+    # parameter grads and running stats in float32
+    ours, ref = _make_pair(nn.BatchNorm2d, torch.float32)
+    x, g = _batch((4, C, 3, 3), torch.Generator().manual_seed(0), dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), ref(xb)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    assert ya.dtype == yb.dtype == dtype and xa.grad.dtype == dtype
+    assert ours.weight.grad.dtype == torch.float32 and ours.running_mean.dtype == torch.float32
+    tol = LOOSE_TOL[dtype]
+    _assert_close(ya.float(), yb.float(), "output", tol)
+    scale = xb.grad.float().abs().max()
+    _assert_close(xa.grad.float() / scale, xb.grad.float() / scale, "input grad", tol)
+    for name in ("weight", "bias"):
+        ga, gb = getattr(ours, name).grad, getattr(ref, name).grad
+        _assert_close(ga / gb.abs().max(), gb / gb.abs().max(), f"{name} grad", tol)
+    _assert_close(ours.running_var, ref.running_var, "running_var", tol)
+
+
 def test_batch_of_one_with_spatial_extent_is_valid() -> None:
     ours, ref = _make_pair(nn.BatchNorm1d, torch.float64)
     _run_and_compare(ours, ref, (1, C, 5), torch.float64)
@@ -396,6 +477,19 @@ def test_state_dict_compatible_both_ways(other_cls: type[nn.Module]) -> None:
     other_eval = nn.BatchNorm2d(C, dtype=torch.float64)
     other_eval.load_state_dict(other.state_dict())
     torch.testing.assert_close(fresh.eval()(x), other_eval.eval()(x), **TOL[torch.float64])
+
+
+def test_copy_and_pickle_after_use() -> None:
+    import pickle
+
+    layer = syncbn.SyncBatchNorm(C)
+    layer(torch.randn(4, C, 2))
+    assert layer.communicator.calls == 1     # resolved: a live communicator object
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone.communicator is not layer.communicator
+        assert clone.communicator.calls == 0
+        for k, v in layer.state_dict().items():
+            assert torch.equal(clone.state_dict()[k], v), k
 
 
 def test_not_a_torch_syncbatchnorm() -> None:
