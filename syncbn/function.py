@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _kernels
 from .comm import Communicator
@@ -248,6 +249,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the backward is numpy + kernels: no graph to differentiate again
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         x, weight = ctx.saved_tensors
         layout: _Layout = ctx.layout

@@ -187,12 +187,6 @@ def test_nan_batch_does_not_poison_later_batches() -> None:
     _run_and_compare(ours, ref, (4, C, 5), torch.float64)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "function.py SyncBatchNormFunction.backward computes with numpy, so with "
-    "create_graph=True the input gradient has no graph and second-order terms through "
-    "the layer are silently dropped. Fix: decorate backward with "
-    "@torch.autograd.function.once_differentiable (below @staticmethod), which makes "
-    "double backward raise 'trying to differentiate twice'"))
 def test_double_backward_is_refused_not_silently_dropped() -> None:
     # torch's batch norm supports double backward (e.g. gradient penalties).
     # Ours need not, but then it must say so: an input gradient built with
