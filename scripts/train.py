@@ -44,7 +44,7 @@ SPLIT_SEED = 0  # the split is fixed whatever --seed is, so accuracies compare a
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2, help="(default: 2)")
     p.add_argument("--batch-size", type=int, default=8, help="images per process per step (default: 8)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, momentum 0.9 (default: 0.05)")
     p.add_argument("--seed", type=int, default=0, help="initial weights and shuffling (default: 0)")
@@ -52,11 +52,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="what SyncBatchNorm communicates over; auto: mpi under mpirun, torch under torchrun; "
                         "local: no synchronization, each rank normalizes its own shard (for comparison)")
     p.add_argument("--threads", type=int, default=1, help="threads per process, torch and syncbn kernels (default: 1)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (for tests)")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop each epoch after this many steps (for tests)")
     p.add_argument("--check", action="store_true",
                    help="rank 0 also trains a plain-BatchNorm2d replica on the global batches and compares losses")
-    p.add_argument("--save", type=Path, default=None, help="write a checkpoint loadable into plain BatchNorm2d")
-    p.add_argument("--load", type=Path, default=None, help="checkpoint to evaluate (with --eval-only)")
+    p.add_argument("--save", type=Path, default=None, metavar="PATH", help="write a checkpoint loadable into plain BatchNorm2d")
+    p.add_argument("--load", type=Path, default=None, metavar="PATH", help="checkpoint to evaluate (with --eval-only)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --load on the held-out set in one process")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -101,6 +101,15 @@ def build_model() -> nn.Sequential:
 
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+
+def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> float:
+    """One optimizer step on the mean cross-entropy of the batch; returns the loss."""
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def global_batches(n: int, global_batch: int, seed: int, epoch: int) -> Tensor:
@@ -152,10 +161,11 @@ def resolve_comm(requested: str, launcher: str) -> str:
 
 
 def import_syncbn(threads: int) -> ModuleType:
-    """Import syncbn once the OpenMP thread count of its kernels is set.
+    """Import syncbn with its kernels' OpenMP thread count set to ``threads``.
 
-    The kernels link their own OpenMP runtime, which reads OMP_NUM_THREADS
-    when it loads; torch.set_num_threads does not reach it.
+    When the kernels bind to torch's OpenMP runtime (torch's wheel ships a
+    libgomp.so.1), torch.set_num_threads covers them; when they load a runtime
+    of their own, it reads OMP_NUM_THREADS as it loads, so set that first.
     """
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
@@ -206,11 +216,14 @@ def train(args: argparse.Namespace) -> None:
     x_train, y_train, x_test, y_test = load_data()
     torch.manual_seed(args.seed)
     plain = build_model()
-    reference: Optional[nn.Module] = copy.deepcopy(plain) if args.check and rank == 0 else None
+    # --check: an untouched copy of the plain network, with its own optimizer
+    replica: Optional[tuple[nn.Module, torch.optim.Optimizer]] = None
+    if args.check and rank == 0:
+        reference = copy.deepcopy(plain)
+        replica = (reference, make_optimizer(reference, args.lr))
     core = syncbn.convert_sync_batchnorm(plain, process_group=comm)
     model: nn.Module = wrap_ddp(core) if distributed else core
     optimizer = make_optimizer(model, args.lr)
-    ref_optimizer = make_optimizer(reference, args.lr) if reference is not None else None
 
     say(f"launcher={launcher} world_size={world_size} comm={comm} batch={world_size}x{args.batch_size} "
         f"train={len(y_train)} held_out={len(y_test)} threads={args.threads}", flush=True)
@@ -227,17 +240,9 @@ def train(args: argparse.Namespace) -> None:
         tic = time.perf_counter()
         for step, idx in enumerate(tqdm(batches, desc=f"epoch {epoch}", disable=rank != 0 or args.no_progress,
                                         leave=False, dynamic_ncols=True)):
-            loss = F.cross_entropy(model(x_train[idx[mine]]), y_train[idx[mine]])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses[step] = loss.detach()
-            if reference is not None:
-                ref_loss = F.cross_entropy(reference(x_train[idx]), y_train[idx])
-                ref_optimizer.zero_grad(set_to_none=True)
-                ref_loss.backward()
-                ref_optimizer.step()
-                ref_losses[step] = ref_loss.detach()
+            losses[step] = sgd_step(model, optimizer, x_train[idx[mine]], y_train[idx[mine]])
+            if replica is not None:  # the same step on the whole global batch
+                ref_losses[step] = sgd_step(*replica, x_train[idx], y_train[idx])
         elapsed = time.perf_counter() - tic
         if distributed:  # per-step global loss = mean of the ranks' losses (equal shards)
             dist.all_reduce(losses)
@@ -247,16 +252,16 @@ def train(args: argparse.Namespace) -> None:
             mean_loss = losses.mean().item() if len(losses) else float("nan")
             rate = len(batches) * world_size * b / elapsed if elapsed > 0 else float("nan")
             say(f"epoch {epoch}: loss={mean_loss:.3f} held-out accuracy={correct / len(y_test):.3f} "
-                f"images/s={rate:.0f}" + (" (includes the --check replica)" if reference is not None else ""),
+                f"images/s={rate:.0f}" + (" (includes the --check replica)" if replica is not None else ""),
                 flush=True)
-            if reference is not None:
+            if replica is not None:
                 gap = (losses - ref_losses).abs().max().item() if len(losses) else 0.0
                 say(f"check: epoch {epoch} max |loss - reference| = {gap:.1e}", flush=True)
 
     trained = syncbn.revert_sync_batchnorm(core)  # plain BatchNorm2d: the checkpoint loads without syncbn
     if rank == 0:
-        if reference is not None:
-            ref_params = dict(reference.named_parameters())
+        if replica is not None:
+            ref_params = dict(replica[0].named_parameters())
             gap = max(((p - ref_params[n]).abs().max().item() for n, p in trained.named_parameters()), default=0.0)
             say(f"check: final max |param - reference| = {gap:.1e}", flush=True)
         if args.save is not None:
