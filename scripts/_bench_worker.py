@@ -179,6 +179,8 @@ def time_round_robin(
 ) -> dict[str, dict[str, Any]]:
     """Per-step seconds of each callable: ``{name: {"median_s", "samples_s", "steps"}}``.
 
+    ``steps``: calls made in all, warm-up included.
+
     Every rank must call this with the same names in the same order.
     """
     names = list(fns)
@@ -198,9 +200,14 @@ def time_round_robin(
     # process that imported torch takes a good fraction of a second).
     gc.collect()
     gc.freeze()
-    est = sync.max(est)
-    steps = {n: max(1, min(budget.max_steps, round(budget.block_s / max(e, 1e-7)))) for n, e in zip(names, est)}
+    def block_steps(per_step: float) -> int:
+        return max(1, min(budget.max_steps, round(budget.block_s / max(per_step, 1e-7))))
+
+    # Block sizes follow the latest round (a warm-up step can be far off on a
+    # busy machine); the times are the slowest rank's, so every rank agrees.
+    steps = {n: block_steps(e) for n, e in zip(names, sync.max(est))}
     samples: dict[str, list[float]] = {n: [] for n in names}
+    total_steps = {n: budget.warmup for n in names}
     for r in range(budget.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         elapsed = []
@@ -217,7 +224,9 @@ def time_round_robin(
         torch.set_num_threads(1)
         for name, t in zip(order, sync.max(elapsed)):
             samples[name].append(t)
-    return {n: {"median_s": _median(samples[n]), "samples_s": samples[n], "block_steps": steps[n]} for n in names}
+            total_steps[name] += steps[name]
+            steps[name] = block_steps(t)
+    return {n: {"median_s": _median(samples[n]), "samples_s": samples[n], "steps": total_steps[n]} for n in names}
 
 
 def _median(values: Sequence[float]) -> float:
@@ -245,8 +254,7 @@ def bench_steps(
                 res[p] = None
             elif isinstance(m, syncbn.SyncBatchNorm):
                 # collectives per step, from the communicator's own counter
-                total = budget.warmup + budget.rounds * res[p]["block_steps"]
-                res[p]["collectives_per_step"] = m.communicator.calls / max(total, 1)
+                res[p]["collectives_per_step"] = m.communicator.calls / res[p]["steps"]
         out[shape.key] = {p: res[p] for p in peers}
         progress(f"shape {i + 1}/{len(SHAPES)} {shape.key}: " + ", ".join(
             f"{p} {res[p]['median_s'] * 1e3:.3f} ms" if res[p] else f"{p} n/a" for p in peers))

@@ -56,6 +56,12 @@ SETTINGS = {"local": "1 proc", "mpirun": "2 proc mpirun", "torchrun": "2 proc to
 SHORT_LABELS = {"local": "1 proc", "mpirun": "mpirun\n2 proc", "torchrun": "torchrun\n2 proc"}
 PEER_LABELS = {"torch": "torch BN", "fairscale": "fairscale", "syncbn": "syncbn"}
 THREAD_PEERS = ("syncbn@2t", "torch@2t")   # extra peers of the one-process part
+# No binding: torchrun's workers are not bound either, and on a shared
+# machine a rank pinned to a busy core cannot move to an idle one. Yield
+# when idle: a rank spinning in a collective otherwise takes CPU time from
+# the rank it waits for whenever other work shares the cores (Open MPI turns
+# this on by itself only when it knows the node is oversubscribed).
+MPIEXEC_OPTIONS = ("--bind-to", "none", "--mca", "mpi_yield_when_idle", "1")
 COMM_C = 256
 COMM_WORLD_SIZES = (2, 4, 8, 64)
 
@@ -208,7 +214,8 @@ def stats_vs_sum(shape: Shape, budget: Budget) -> dict[str, Any]:
     shift, out = np.zeros(C), np.empty(2 * C + 1)
     fns = {"local_stats": lambda: _kernels.local_stats(view, shift, out, 1),
            "torch.sum": lambda: torch.sum(xd)}
-    res = time_round_robin(fns, {n: 1 for n in fns}, budget, Sync())
+    # sub-millisecond calls: shorter blocks than the steps' are plenty
+    res = time_round_robin(fns, {n: 1 for n in fns}, budget._replace(block_s=budget.block_s / 3), Sync())
     k, s = res["local_stats"]["median_s"], res["torch.sum"]["median_s"]
     return {"local_stats_s": k, "torch_sum_s": s, "ratio": k / s, "bytes": xd.numel() * xd.element_size()}
 
@@ -262,13 +269,12 @@ def run_distributed(setting: str, args: argparse.Namespace, budget: Budget) -> d
             return {"status": "failed: mpiexec not found"}
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-        # no binding: the torchrun part cannot bind either, and on a shared
-        # machine a rank pinned to a busy core cannot move to an idle one
-        head = [exe, "-n", "2", "--bind-to", "none", sys.executable, "-m", "mpi4py", str(WORKER)]
+        head = [exe, "-n", "2", *MPIEXEC_OPTIONS, sys.executable, "-m", "mpi4py", str(WORKER)]
     else:
         exe = _launcher("torchrun")
         run = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
         head = [*run, "--standalone", "--nproc_per_node", "2", str(WORKER)]
+    shown = " ".join(Path(a).name if os.sep in a else a for a in [*head, *worker_args])
     timeout = 150 if args.quick else 360
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
@@ -278,10 +284,11 @@ def run_distributed(setting: str, args: argparse.Namespace, budget: Budget) -> d
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-            return {"status": f"failed: timed out after {timeout} s"}
+            return {"status": f"failed: timed out after {timeout} s", "command": shown}
         if code != 0 or not result.exists():
-            return {"status": f"failed: exit status {code}" + ("" if result.exists() else ", no result")}
-        return json.loads(result.read_text())
+            return {"status": f"failed: exit status {code}" + ("" if result.exists() else ", no result"),
+                    "command": shown}
+        return {**json.loads(result.read_text()), "command": shown}
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -433,8 +440,11 @@ def render(doc: dict[str, Any]) -> str:
         "",
     ]
     for s, label in SETTINGS.items():
-        if settings[s].get("status") != "ok":
-            out.append(f"- {label}: {settings[s].get('status')}")
+        res = settings[s]
+        how = f"`{res['command']}`" if "command" in res else "this process (syncbn: process_group='local')"
+        state = "" if res.get("status") == "ok" else f" ({res.get('status')})"
+        out.append(f"- {label}: {how}{state}")
+    out.append("")
     rows = []
     for shape in SHAPES:
         for s, label in SETTINGS.items():
