@@ -55,7 +55,8 @@ WORKER = HERE / "_bench_worker.py"
 SETTINGS = {"local": "1 proc", "mpirun": "2 proc mpirun", "torchrun": "2 proc torchrun"}
 SHORT_LABELS = {"local": "1 proc", "mpirun": "mpirun\n2 proc", "torchrun": "torchrun\n2 proc"}
 PEER_LABELS = {"torch": "torch BN", "fairscale": "fairscale", "syncbn": "syncbn"}
-THREAD_PEERS = ("syncbn@2t", "torch@2t")   # extra peers of the one-process part
+# extra peers of the one-process part: 2 threads, and the step without any layer
+LOCAL_PEERS = ("syncbn@2t", "torch@2t", "floor")
 # No binding: torchrun's workers are not bound either, and on a shared
 # machine a rank pinned to a busy core cannot move to an idle one. Yield
 # when idle: a rank spinning in a collective otherwise takes CPU time from
@@ -231,7 +232,7 @@ def run_local(budget: Budget, progress: bool) -> dict[str, Any]:
         bar.update(1)
 
     with one_rank_group():
-        steps = bench_steps(PEERS + THREAD_PEERS, "local", budget, Sync(), say)
+        steps = bench_steps(PEERS + LOCAL_PEERS, "local", budget, Sync(), say)
         memory = step_memory()
         for shape in SHAPES:
             m = memory[shape.key]
@@ -441,7 +442,10 @@ def render(doc: dict[str, Any]) -> str:
     ]
     for s, label in SETTINGS.items():
         res = settings[s]
-        how = f"`{res['command']}`" if "command" in res else "this process (syncbn: process_group='local')"
+        if s == "local":
+            how = "this process (syncbn: process_group='local'; fairscale: a 1-rank gloo group)"
+        else:
+            how = f"`{res['command']}`" if "command" in res else "not launched"
         state = "" if res.get("status") == "ok" else f" ({res.get('status')})"
         out.append(f"- {label}: {how}{state}")
     out.append("")
@@ -477,6 +481,18 @@ def render(doc: dict[str, Any]) -> str:
         sp = [local["steps"][k]["syncbn"]["median_s"] / local["steps"][k]["syncbn@2t"]["median_s"]
               for k in local["steps"]]
         rows.append(["geomean", "", "", _x(geomean(sp)), "", "", ""])
+        rows = []
+        for shape in SHAPES:
+            row = local["steps"][shape.key]
+            rows.append([shape.key, _ms(row["floor"]), _ms(row["torch"]), _ms(row["syncbn"]),
+                         _x(row["torch"]["median_s"] / row["floor"]["median_s"])])
+        bound = geomean([r["torch"]["median_s"] / r["floor"]["median_s"] for r in local["steps"].values()])
+        rows.append(["geomean", "", "", "", _x(bound)])
+        out += ["## Step floor: the same step without a normalization layer (1 process)", "",
+                "forward and backward of (x * g).sum(): what every peer's step contains besides the "
+                "layer, so a layer that cost nothing would be at most torch BN / floor times faster "
+                "than torch BN.", "",
+                _table(["shape", "floor ms", "torch BN ms", "syncbn ms", "bound: torch BN / floor"], rows), ""]
         out += ["## OpenMP: 2 threads vs 1 in one process (torch.set_num_threads)", "",
                 "The layer passes torch.get_num_threads() to its kernels; torch's own ops in the step "
                 "use the same count. On a 2-core machine shared with other work, 2 threads compete "
