@@ -5,6 +5,7 @@ passes; one float64 allreduce per pass (mpi4py or torch.distributed)
 combines them across processes.
 """
 from .comm import Communicator, get_communicator
+from .launch import init_process_group_from_mpi
 from .module import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "SyncBatchNorm",
     "convert_sync_batchnorm",
     "get_communicator",
+    "init_process_group_from_mpi",
     "revert_sync_batchnorm",
 ]
 __version__ = "0.1.0"

@@ -13,21 +13,11 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
+from .comm import _import_mpi as _mpi
+
 __all__ = ["init_process_group_from_mpi"]
 
 _LOOPBACK = "127.0.0.1"
-
-
-def _mpi() -> Any:
-    """The ``mpi4py.MPI`` module, imported on first use."""
-    try:
-        from mpi4py import MPI
-    except ImportError as e:
-        raise ImportError(
-            "init_process_group_from_mpi needs mpi4py and an MPI library: "
-            "pip install mpi4py (or pip install 'syncbn[mpi]')"
-        ) from e
-    return MPI
 
 
 def _free_port(host: str) -> int:
