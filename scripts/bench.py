@@ -228,7 +228,7 @@ def run_local(budget: Budget, progress: bool) -> dict[str, Any]:
     bar = tqdm(total=3 * len(SHAPES), desc="1 proc", disable=not progress, dynamic_ncols=True)
 
     def say(line: str) -> None:
-        bar.write(f"[1 proc] {line}")
+        bar.write(f"[1 proc] {line}", file=sys.stderr)
         bar.update(1)
 
     with one_rank_group():
@@ -428,7 +428,7 @@ def render(doc: dict[str, Any]) -> str:
     out = [
         "# syncbn benchmark",
         "",
-        f"{meta['date']}, torch {meta['torch']}, {meta['cpu']}, {meta['cores']} cores, "
+        f"{meta['date']}, syncbn at {meta['git']}, torch {meta['torch']}, {meta['cpu']}, {meta['cores']} cores, "
         f"{meta['rounds']} rounds{' (quick)' if meta['quick'] else ''}; load average "
         f"{meta['load_before']:.2f} before, {meta['load_after']:.2f} after "
         "(other work on the machine inflates and scatters the times).",
@@ -474,16 +474,6 @@ def render(doc: dict[str, Any]) -> str:
         rows = []
         for shape in SHAPES:
             row = local["steps"][shape.key]
-            rows.append([shape.key, _ms(row["syncbn"]), _ms(row["syncbn@2t"]),
-                         _x(row["syncbn"]["median_s"] / row["syncbn@2t"]["median_s"]),
-                         _ms(row["torch"]), _ms(row["torch@2t"]),
-                         _x(row["torch"]["median_s"] / row["torch@2t"]["median_s"])])
-        sp = [local["steps"][k]["syncbn"]["median_s"] / local["steps"][k]["syncbn@2t"]["median_s"]
-              for k in local["steps"]]
-        rows.append(["geomean", "", "", _x(geomean(sp)), "", "", ""])
-        rows = []
-        for shape in SHAPES:
-            row = local["steps"][shape.key]
             rows.append([shape.key, _ms(row["floor"]), _ms(row["torch"]), _ms(row["syncbn"]),
                          _x(row["torch"]["median_s"] / row["floor"]["median_s"])])
         bound = geomean([r["torch"]["median_s"] / r["floor"]["median_s"] for r in local["steps"].values()])
@@ -493,6 +483,16 @@ def render(doc: dict[str, Any]) -> str:
                 "layer, so a layer that cost nothing would be at most torch BN / floor times faster "
                 "than torch BN.", "",
                 _table(["shape", "floor ms", "torch BN ms", "syncbn ms", "bound: torch BN / floor"], rows), ""]
+        rows = []
+        for shape in SHAPES:
+            row = local["steps"][shape.key]
+            rows.append([shape.key, _ms(row["syncbn"]), _ms(row["syncbn@2t"]),
+                         _x(row["syncbn"]["median_s"] / row["syncbn@2t"]["median_s"]),
+                         _ms(row["torch"]), _ms(row["torch@2t"]),
+                         _x(row["torch"]["median_s"] / row["torch@2t"]["median_s"])])
+        sp = [local["steps"][k]["syncbn"]["median_s"] / local["steps"][k]["syncbn@2t"]["median_s"]
+              for k in local["steps"]]
+        rows.append(["geomean", "", "", _x(geomean(sp)), "", "", ""])
         out += ["## OpenMP: 2 threads vs 1 in one process (torch.set_num_threads)", "",
                 "The layer passes torch.get_num_threads() to its kernels; torch's own ops in the step "
                 "use the same count. On a 2-core machine shared with other work, 2 threads compete "
@@ -590,6 +590,15 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _git_state() -> str:
+    """The checkout measured: commit, and whether the working tree differed from it."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def _cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -607,6 +616,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "syncbn": syncbn.__version__, "cpu": _cpu_name(), "cores": os.cpu_count(),
         "rounds": budget.rounds, "block_s": budget.block_s, "warmup": budget.warmup, "quick": args.quick,
         "load_before": os.getloadavg()[0], "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "git": _git_state(),
     }
     settings: dict[str, dict[str, Any]] = {"local": run_local(budget, not args.no_progress)}
     for setting, skip in (("mpirun", args.skip_mpi), ("torchrun", args.skip_torchrun)):
