@@ -12,9 +12,10 @@ step: forward, and backward of ``(y * g).sum()`` with ``g`` fixed, float32,
 one thread per process. Peers are interleaved in rounds (see
 ``_bench_worker.py``); the figure is the median over rounds.
 
-Also measured, in one process: the OpenMP speedup of syncbn with 2 threads;
-the peak memory a step allocates; the statistics kernel against one
-``torch.sum`` pass. Computed: the bytes each scheme communicates per step.
+Also measured, in one process: the same step with no layer at all (which
+bounds any layer's speedup over torch BN); the OpenMP speedup of syncbn with
+2 threads; the peak memory a step allocates; the statistics kernel against
+one ``torch.sum`` pass. Computed: the bytes each scheme communicates per step.
 
 Writes ``results.md``, ``results.json`` and ``step_times.png`` to ``--out``
 and prints PASS/MISS against the project's targets. It is a report: the
