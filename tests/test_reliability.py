@@ -153,12 +153,9 @@ def test_nonfinite_like_torch_across_ranks() -> None:
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kernel: the local pivot is a channel's first value; when that is ±Inf every "
-    "x - pivot is NaN or ∓Inf, so the mean becomes NaN where torch gives ±Inf. Fix in "
-    "_kernels.pyx local_stats, after `piv = np.array(...)`: "
-    "`piv[~np.isfinite(piv)] = 0.0`"))
 def test_inf_first_value_of_a_channel() -> None:
+    """The kernel's local pivot (a channel's first value) must not be ±Inf: every
+    x - pivot would be NaN or ∓Inf and the mean NaN where torch gives ±Inf."""
     x = torch.randn(4, 2, 3)
     x[0, 0, 0] = -INF    # the first value of channel 0: the kernel's pivot
     ours, ref = SyncBatchNorm(2), torch.nn.BatchNorm1d(2)
