@@ -18,26 +18,29 @@ allows"; the count is further capped by the amount of work, so small tensors
 never pay for a thread team, and one thread runs without a parallel region.
 
 How the work is split. A channels-first tensor is N * C *runs* of L
-contiguous values; when there are fewer runs than threads need (C small,
+contiguous values; when there are fewer runs than the threads need (C small,
 N * L large) each run is cut into S *pieces*. Pieces (or rows, for the rows
 layout) are dealt out in one contiguous *share* per thread, each share with
-its own partial sums, merged at the end; so the result does not depend on how
-many threads OpenMP actually starts. Reductions visit a share channel by
-channel, so that all the runs of a channel go through one call and one
-horizontal sum; the element-wise passes visit it in memory order.
+its own partial sums, merged at the end, so the result does not depend on how
+many threads OpenMP actually starts. The reductions go through short runs
+(L < STREAM_MIN_L) channel by channel, all the runs of a channel in one call
+and one horizontal sum, and through long runs in memory order; rows 16
+columns at a time, the partial sums in registers. The element-wise passes go
+in memory order.
 
-Vectorization. The inner loops are small C primitives (the extern block
-below) written with GCC/Clang vector extensions. gcc 12 auto-vectorizes a
-float -> float64 lane reduction only in some inlining contexts (and lost it,
-4x slower, after an unrelated change to the loops around it), and the code it
-generates for the float32 <-> float64 conversions of the element-wise passes
-runs at 2/3 of the speed of the hand-written form (vextractf128 and
-vinsertf128 around every conversion). Measured with scripts/bench_kernels.py.
+Vectorization. The inner loops are small C primitives (the second extern
+block) written with GCC/Clang vector extensions. gcc 12 auto-vectorizes a
+float -> float64 lane reduction only in some inlining contexts (it lost it,
+4x slower, after an unrelated change to the loops around it), and the code
+it generates for the float32 <-> float64 conversions of the element-wise
+passes runs at 2/3 of the speed of the hand-written form (a vextractf128 or
+vinsertf128 around every conversion). scripts/bench_kernels.py measures them.
 """
 
 cimport cython
 cimport numpy as cnp
 from cython.parallel cimport prange
+from libc.math cimport isfinite
 from libc.stdlib cimport calloc, free, malloc
 
 import numpy as np
@@ -80,16 +83,27 @@ cdef extern from *:
      *   rows_affine:  the same over a (rows, C) block, per-column a[c], k[c]
      *   rows_affine2
      *
-     * Every reduction keeps 16 independent float64 partial sums per total
+     * The runs reductions keep 16 independent float64 partial sums per total
      * (four vectors of 4 doubles: enough to hide the latency of the adds and
-     * FMAs without reassociating anything) and adds them pairwise at the end.
-     * The vectors are generic GCC/Clang vectors: AVX2 with -march=native,
-     * pairs of SSE2 operations on a baseline x86-64, NEON on arm64. Other
-     * compilers get the same arithmetic in plain C (SYNCBN_VECTOR_EXT 0).
+     * FMAs without reassociating anything), fold them into a second level every
+     * SYNCBN_BLOCK values and add that up pairwise at the end; the rows
+     * reductions keep a column's partial sum in a lane of a register and add it
+     * to memory every SYNCBN_ROWS rows. So no float64 sum runs sequentially over
+     * more than a few hundred terms.
+     *
+     * Written with GCC/Clang vector extensions: AVX2 with -march=native, pairs of
+     * SSE2 operations on a baseline x86-64, NEON on arm64. Other compilers, or
+     * -DSYNCBN_PLAIN_C (SYNCBN_PLAIN_C=1 python setup.py ...), get the same
+     * arithmetic in plain C (SYNCBN_VECTOR_EXT 0).
      */
-    #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 5)
+    #define SYNCBN_LANES 16
+    #define SYNCBN_BLOCK 4096
+    #define SYNCBN_ROWS 256
+
+    #if (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 5)) && !defined(SYNCBN_PLAIN_C)
     #define SYNCBN_VECTOR_EXT 1
     typedef double syncbn_v4d __attribute__((vector_size(32)));
+    static const syncbn_v4d syncbn_zero = {0.0, 0.0, 0.0, 0.0};
     /* the element-wise forms compile to one vcvtps2pd / vcvtpd2ps / vmovupd */
     #define SYNCBN_LOAD4(p) \\
         ((syncbn_v4d){(double)(p)[0], (double)(p)[1], (double)(p)[2], (double)(p)[3]})
@@ -97,352 +111,404 @@ cdef extern from *:
         ((p)[0] = (T)(v)[0], (p)[1] = (T)(v)[1], (p)[2] = (T)(v)[2], (p)[3] = (T)(v)[3])
     #define SYNCBN_ADD4(p, v) \\
         ((p)[0] += (v)[0], (p)[1] += (v)[1], (p)[2] += (v)[2], (p)[3] += (v)[3])
-    #define SYNCBN_HSUM(a, b, c, d) syncbn_hsum4(((a) + (b)) + ((c) + (d)))
     static inline double syncbn_hsum4(syncbn_v4d v) { return (v[0] + v[1]) + (v[2] + v[3]); }
-    static const syncbn_v4d syncbn_zero = {0.0, 0.0, 0.0, 0.0};
+    /* the 16 lanes into the second level, V and W */
+    #define SYNCBN_FLUSH()                                                          \\
+        (V += (v0 + v1) + (v2 + v3), W += (w0 + w1) + (w2 + w3),                    \\
+         v0 = v1 = v2 = v3 = w0 = w1 = w2 = w3 = syncbn_zero)
 
     /* SYNCBN_SUB(x, P) is x - P. With FMA it is computed as x * 1 - P, which
-     * rounds identically (x * 1 is exact) but runs on the FMA pipes instead of
-     * the add pipes, which the conversions and the sums already fill: on Zen 3
-     * local_stats goes from 8 to 11 values/ns. The 1 is read from a volatile so
+     * rounds identically (x * 1 is exact) but runs on the FMA pipes instead of the
+     * add pipes, which the conversions and the sums already fill: on Zen 3 this
+     * takes local_stats from 8 to 11 values/ns. The 1 is read from a volatile so
      * that the compiler cannot fold the multiplication away. */
     #ifdef __FMA__
     static volatile double syncbn_one = 1.0;
-    #define SYNCBN_ONE_DECL \
+    #define SYNCBN_ONE_DECL \\
         const double one_ = syncbn_one; const syncbn_v4d ONE = {one_, one_, one_, one_}
     #define SYNCBN_SUB(x, P) ((x) * ONE - (P))
     #else
-    #define SYNCBN_ONE_DECL const int one_unused_ = 0
+    #define SYNCBN_ONE_DECL const int no_fma_ = 0; (void)no_fma_
     #define SYNCBN_SUB(x, P) ((x) - (P))
     #endif
 
-    #define SYNCBN_DEFINE(S, T)                                                       \\
-    static void syncbn_moments_##S(const T* x, Py_ssize_t runs, Py_ssize_t stride,    \\
-                                   Py_ssize_t n, double p, double* s1, double* s2) {  \\
-        const syncbn_v4d P = {p, p, p, p};                                            \\
-        syncbn_v4d d, v0 = syncbn_zero, v1 = v0, v2 = v0, v3 = v0,                    \\
-                   w0 = v0, w1 = v0, w2 = v0, w3 = v0;                                \\
-        double u, tv = 0.0, tw = 0.0;                                                 \\
-        Py_ssize_t r, i;                                                              \\
-        SYNCBN_ONE_DECL;                                                              \\
-        for (r = 0; r < runs; r++, x += stride) {                                     \\
-            for (i = 0; i + 16 <= n; i += 16) {                                       \\
-                d = SYNCBN_SUB(SYNCBN_LOAD4(x + i), P);      v0 += d; w0 += d * d;    \\
-                d = SYNCBN_SUB(SYNCBN_LOAD4(x + i + 4), P);  v1 += d; w1 += d * d;    \\
-                d = SYNCBN_SUB(SYNCBN_LOAD4(x + i + 8), P);  v2 += d; w2 += d * d;    \\
-                d = SYNCBN_SUB(SYNCBN_LOAD4(x + i + 12), P); v3 += d; w3 += d * d;    \\
-            }                                                                         \\
-            for (; i + 4 <= n; i += 4) {                                              \\
-                d = SYNCBN_SUB(SYNCBN_LOAD4(x + i), P);      v0 += d; w0 += d * d;    \\
-            }                                                                         \\
-            for (; i < n; i++) {                                                      \\
-                u = (double)x[i] - p;             tv += u; tw += u * u;               \\
-            }                                                                         \\
-        }                                                                             \\
-        *s1 += SYNCBN_HSUM(v0, v1, v2, v3) + tv;                                      \\
-        *s2 += SYNCBN_HSUM(w0, w1, w2, w3) + tw;                                      \\
-    }                                                                                 \\
-                                                                                      \\
-    static void syncbn_dot_##S(const T* dy, const T* x, Py_ssize_t runs,              \\
-                               Py_ssize_t stride, Py_ssize_t n, double mu,            \\
-                               double* s1, double* s2) {                              \\
-        const syncbn_v4d M = {mu, mu, mu, mu};                                        \\
-        syncbn_v4d g, v0 = syncbn_zero, v1 = v0, v2 = v0, v3 = v0,                    \\
-                   w0 = v0, w1 = v0, w2 = v0, w3 = v0;                                \\
-        double h, tv = 0.0, tw = 0.0;                                                 \\
-        Py_ssize_t r, i;                                                              \\
-        SYNCBN_ONE_DECL;                                                              \\
-        for (r = 0; r < runs; r++, dy += stride, x += stride) {                       \\
-            for (i = 0; i + 16 <= n; i += 16) {                                       \\
-                g = SYNCBN_LOAD4(dy + i);      v0 += g;                               \\
-                w0 += g * (SYNCBN_SUB(SYNCBN_LOAD4(x + i), M));                       \\
-                g = SYNCBN_LOAD4(dy + i + 4);  v1 += g;                               \\
-                w1 += g * (SYNCBN_SUB(SYNCBN_LOAD4(x + i + 4), M));                   \\
-                g = SYNCBN_LOAD4(dy + i + 8);  v2 += g;                               \\
-                w2 += g * (SYNCBN_SUB(SYNCBN_LOAD4(x + i + 8), M));                   \\
-                g = SYNCBN_LOAD4(dy + i + 12); v3 += g;                               \\
-                w3 += g * (SYNCBN_SUB(SYNCBN_LOAD4(x + i + 12), M));                  \\
-            }                                                                         \\
-            for (; i + 4 <= n; i += 4) {                                              \\
-                g = SYNCBN_LOAD4(dy + i);      v0 += g;                               \\
-                w0 += g * (SYNCBN_SUB(SYNCBN_LOAD4(x + i), M));                       \\
-            }                                                                         \\
-            for (; i < n; i++) {                                                      \\
-                h = (double)dy[i];             tv += h;                               \\
-                tw += h * ((double)x[i] - mu);                                        \\
-            }                                                                         \\
-        }                                                                             \\
-        *s1 += SYNCBN_HSUM(v0, v1, v2, v3) + tv;                                      \\
-        *s2 += SYNCBN_HSUM(w0, w1, w2, w3) + tw;                                      \\
-    }                                                                                 \\
-                                                                                      \\
-    /* rows: 16 columns at a time, the partial sums of a column in its lane */        \\
-    static void syncbn_cols_moments_##S(const T* x, Py_ssize_t rows, Py_ssize_t C,    \\
-                                        const double* p, double* s1, double* s2) {    \\
-        syncbn_v4d d, P0, P1, P2, P3, v0, v1, v2, v3, w0, w1, w2, w3;                 \\
-        const T* r;                                                                   \\
-        Py_ssize_t c = 0, m;                                                          \\
-        double u, a, b;                                                               \\
-        SYNCBN_ONE_DECL;                                                              \\
-        for (; c + 16 <= C; c += 16) {                                                \\
-            P0 = SYNCBN_LOAD4(p + c);     P1 = SYNCBN_LOAD4(p + c + 4);               \\
-            P2 = SYNCBN_LOAD4(p + c + 8); P3 = SYNCBN_LOAD4(p + c + 12);              \\
-            v0 = v1 = v2 = v3 = w0 = w1 = w2 = w3 = syncbn_zero;                      \\
-            for (m = 0, r = x + c; m < rows; m++, r += C) {                           \\
-                d = SYNCBN_SUB(SYNCBN_LOAD4(r), P0);      v0 += d; w0 += d * d;       \\
-                d = SYNCBN_SUB(SYNCBN_LOAD4(r + 4), P1);  v1 += d; w1 += d * d;       \\
-                d = SYNCBN_SUB(SYNCBN_LOAD4(r + 8), P2);  v2 += d; w2 += d * d;       \\
-                d = SYNCBN_SUB(SYNCBN_LOAD4(r + 12), P3); v3 += d; w3 += d * d;       \\
-            }                                                                         \\
-            SYNCBN_ADD4(s1 + c, v0);     SYNCBN_ADD4(s2 + c, w0);                     \\
-            SYNCBN_ADD4(s1 + c + 4, v1); SYNCBN_ADD4(s2 + c + 4, w1);                 \\
-            SYNCBN_ADD4(s1 + c + 8, v2); SYNCBN_ADD4(s2 + c + 8, w2);                 \\
-            SYNCBN_ADD4(s1 + c + 12, v3); SYNCBN_ADD4(s2 + c + 12, w3);               \\
-        }                                                                             \\
-        for (; c + 4 <= C; c += 4) {                                                  \\
-            P0 = SYNCBN_LOAD4(p + c);                                                 \\
-            v0 = v1 = w0 = w1 = syncbn_zero;                                          \\
-            for (m = 0, r = x + c; m + 2 <= rows; m += 2, r += 2 * C) {               \\
-                d = SYNCBN_SUB(SYNCBN_LOAD4(r), P0);      v0 += d; w0 += d * d;       \\
-                d = SYNCBN_SUB(SYNCBN_LOAD4(r + C), P0);  v1 += d; w1 += d * d;       \\
-            }                                                                         \\
-            if (m < rows) {                                                           \\
-                d = SYNCBN_SUB(SYNCBN_LOAD4(r), P0);      v0 += d; w0 += d * d;       \\
-            }                                                                         \\
-            v0 += v1;                                                                 \\
-            w0 += w1;                                                                 \\
-            SYNCBN_ADD4(s1 + c, v0);     SYNCBN_ADD4(s2 + c, w0);                     \\
-        }                                                                             \\
-        for (; c < C; c++) {                                                          \\
-            for (m = 0, r = x + c, a = 0.0, b = 0.0; m < rows; m++, r += C) {         \\
-                u = (double)*r - p[c];         a += u;  b += u * u;                   \\
-            }                                                                         \\
-            s1[c] += a;                                                               \\
-            s2[c] += b;                                                               \\
-        }                                                                             \\
-    }                                                                                 \\
-                                                                                      \\
-    static void syncbn_cols_dot_##S(const T* dy, const T* x, Py_ssize_t rows,         \\
-                                    Py_ssize_t C, const double* mu, double* s1,       \\
-                                    double* s2) {                                     \\
-        syncbn_v4d g, M0, M1, M2, M3, v0, v1, v2, v3, w0, w1, w2, w3;                 \\
-        Py_ssize_t c = 0, m, o;                                                       \\
-        double h, a, b;                                                               \\
-        SYNCBN_ONE_DECL;                                                              \\
-        for (; c + 16 <= C; c += 16) {                                                \\
-            M0 = SYNCBN_LOAD4(mu + c);     M1 = SYNCBN_LOAD4(mu + c + 4);             \\
-            M2 = SYNCBN_LOAD4(mu + c + 8); M3 = SYNCBN_LOAD4(mu + c + 12);            \\
-            v0 = v1 = v2 = v3 = w0 = w1 = w2 = w3 = syncbn_zero;                      \\
-            for (m = 0, o = c; m < rows; m++, o += C) {                               \\
-                g = SYNCBN_LOAD4(dy + o);      v0 += g;                               \\
-                w0 += g * (SYNCBN_SUB(SYNCBN_LOAD4(x + o), M0));                      \\
-                g = SYNCBN_LOAD4(dy + o + 4);  v1 += g;                               \\
-                w1 += g * (SYNCBN_SUB(SYNCBN_LOAD4(x + o + 4), M1));                  \\
-                g = SYNCBN_LOAD4(dy + o + 8);  v2 += g;                               \\
-                w2 += g * (SYNCBN_SUB(SYNCBN_LOAD4(x + o + 8), M2));                  \\
-                g = SYNCBN_LOAD4(dy + o + 12); v3 += g;                               \\
-                w3 += g * (SYNCBN_SUB(SYNCBN_LOAD4(x + o + 12), M3));                 \\
-            }                                                                         \\
-            SYNCBN_ADD4(s1 + c, v0);     SYNCBN_ADD4(s2 + c, w0);                     \\
-            SYNCBN_ADD4(s1 + c + 4, v1); SYNCBN_ADD4(s2 + c + 4, w1);                 \\
-            SYNCBN_ADD4(s1 + c + 8, v2); SYNCBN_ADD4(s2 + c + 8, w2);                 \\
-            SYNCBN_ADD4(s1 + c + 12, v3); SYNCBN_ADD4(s2 + c + 12, w3);               \\
-        }                                                                             \\
-        for (; c + 4 <= C; c += 4) {                                                  \\
-            M0 = SYNCBN_LOAD4(mu + c);                                                \\
-            v0 = v1 = w0 = w1 = syncbn_zero;                                          \\
-            for (m = 0, o = c; m + 2 <= rows; m += 2, o += 2 * C) {                   \\
-                g = SYNCBN_LOAD4(dy + o);      v0 += g;                               \\
-                w0 += g * (SYNCBN_SUB(SYNCBN_LOAD4(x + o), M0));                      \\
-                g = SYNCBN_LOAD4(dy + o + C);  v1 += g;                               \\
-                w1 += g * (SYNCBN_SUB(SYNCBN_LOAD4(x + o + C), M0));                  \\
-            }                                                                         \\
-            if (m < rows) {                                                           \\
-                g = SYNCBN_LOAD4(dy + o);      v0 += g;                               \\
-                w0 += g * (SYNCBN_SUB(SYNCBN_LOAD4(x + o), M0));                      \\
-            }                                                                         \\
-            v0 += v1;                                                                 \\
-            w0 += w1;                                                                 \\
-            SYNCBN_ADD4(s1 + c, v0);     SYNCBN_ADD4(s2 + c, w0);                     \\
-        }                                                                             \\
-        for (; c < C; c++) {                                                          \\
-            for (m = 0, o = c, a = 0.0, b = 0.0; m < rows; m++, o += C) {             \\
-                h = (double)dy[o];             a += h;                                \\
-                b += h * ((double)x[o] - mu[c]);                                      \\
-            }                                                                         \\
-            s1[c] += a;                                                               \\
-            s2[c] += b;                                                               \\
-        }                                                                             \\
-    }                                                                                 \\
-                                                                                      \\
-    /* element-wise: every value is loaded before its own result is stored, so */     \\
-    /* out may be x (or z) itself                                               */    \\
-    static void syncbn_affine_##S(const T* x, T* out, Py_ssize_t n, double a,         \\
-                                  double k) {                                         \\
-        const syncbn_v4d A = {a, a, a, a}, K = {k, k, k, k};                          \\
-        syncbn_v4d y0, y1, y2, y3;                                                    \\
-        Py_ssize_t i = 0;                                                             \\
-        for (; i + 16 <= n; i += 16) {                                                \\
-            y0 = SYNCBN_LOAD4(x + i) * A + K;                                         \\
-            y1 = SYNCBN_LOAD4(x + i + 4) * A + K;                                     \\
-            y2 = SYNCBN_LOAD4(x + i + 8) * A + K;                                     \\
-            y3 = SYNCBN_LOAD4(x + i + 12) * A + K;                                    \\
-            SYNCBN_STORE4(out + i, y0, T);     SYNCBN_STORE4(out + i + 4, y1, T);     \\
-            SYNCBN_STORE4(out + i + 8, y2, T); SYNCBN_STORE4(out + i + 12, y3, T);    \\
-        }                                                                             \\
-        for (; i + 4 <= n; i += 4) {                                                  \\
-            y0 = SYNCBN_LOAD4(x + i) * A + K;                                         \\
-            SYNCBN_STORE4(out + i, y0, T);                                            \\
-        }                                                                             \\
-        for (; i < n; i++)                                                            \\
-            out[i] = (T)((double)x[i] * a + k);                                       \\
-    }                                                                                 \\
-                                                                                      \\
-    static void syncbn_affine2_##S(const T* x, const T* z, T* out, Py_ssize_t n,      \\
-                                   double a, double b, double k) {                    \\
-        const syncbn_v4d A = {a, a, a, a}, B = {b, b, b, b}, K = {k, k, k, k};        \\
-        syncbn_v4d y0, y1;                                                            \\
-        Py_ssize_t i = 0;                                                             \\
-        for (; i + 8 <= n; i += 8) {                                                  \\
-            y0 = SYNCBN_LOAD4(x + i) * A + (SYNCBN_LOAD4(z + i) * B + K);             \\
-            y1 = SYNCBN_LOAD4(x + i + 4) * A + (SYNCBN_LOAD4(z + i + 4) * B + K);     \\
-            SYNCBN_STORE4(out + i, y0, T);     SYNCBN_STORE4(out + i + 4, y1, T);     \\
-        }                                                                             \\
-        for (; i + 4 <= n; i += 4) {                                                  \\
-            y0 = SYNCBN_LOAD4(x + i) * A + (SYNCBN_LOAD4(z + i) * B + K);             \\
-            SYNCBN_STORE4(out + i, y0, T);                                            \\
-        }                                                                             \\
-        for (; i < n; i++)                                                            \\
-            out[i] = (T)((double)x[i] * a + ((double)z[i] * b + k));                  \\
-    }                                                                                 \\
-                                                                                      \\
-    static void syncbn_rows_affine_##S(const T* x, T* out, Py_ssize_t rows,           \\
-                                       Py_ssize_t C, const double* a,                 \\
-                                       const double* k) {                             \\
-        syncbn_v4d y0, y1;                                                            \\
-        Py_ssize_t m, c;                                                              \\
-        for (m = 0; m < rows; m++, x += C, out += C) {                                \\
-            for (c = 0; c + 8 <= C; c += 8) {                                         \\
-                y0 = SYNCBN_LOAD4(x + c) * SYNCBN_LOAD4(a + c) + SYNCBN_LOAD4(k + c); \\
-                y1 = SYNCBN_LOAD4(x + c + 4) * SYNCBN_LOAD4(a + c + 4)                \\
-                     + SYNCBN_LOAD4(k + c + 4);                                       \\
-                SYNCBN_STORE4(out + c, y0, T); SYNCBN_STORE4(out + c + 4, y1, T);     \\
-            }                                                                         \\
-            for (; c < C; c++)                                                        \\
-                out[c] = (T)((double)x[c] * a[c] + k[c]);                             \\
-        }                                                                             \\
-    }                                                                                 \\
-                                                                                      \\
-    static void syncbn_rows_affine2_##S(const T* x, const T* z, T* out,               \\
-                                        Py_ssize_t rows, Py_ssize_t C,                \\
-                                        const double* a, const double* b,             \\
-                                        const double* k) {                            \\
-        syncbn_v4d y0;                                                                \\
-        Py_ssize_t m, c;                                                              \\
-        for (m = 0; m < rows; m++, x += C, z += C, out += C) {                        \\
-            for (c = 0; c + 4 <= C; c += 4) {                                         \\
-                y0 = SYNCBN_LOAD4(x + c) * SYNCBN_LOAD4(a + c)                        \\
-                     + (SYNCBN_LOAD4(z + c) * SYNCBN_LOAD4(b + c) + SYNCBN_LOAD4(k + c)); \\
-                SYNCBN_STORE4(out + c, y0, T);                                        \\
-            }                                                                         \\
-            for (; c < C; c++)                                                        \\
-                out[c] = (T)((double)x[c] * a[c] + ((double)z[c] * b[c] + k[c]));     \\
-        }                                                                             \\
+    #define SYNCBN_DEFINE(S, T)                                                             \\
+    static void syncbn_moments_##S(const T* x, Py_ssize_t runs, Py_ssize_t stride,          \\
+                                   Py_ssize_t n, double p, double* s1, double* s2) {        \\
+        const syncbn_v4d P = {p, p, p, p};                                                  \\
+        const Py_ssize_t n16 = n - n % 16;                                                  \\
+        syncbn_v4d d, V = syncbn_zero, W = V, v0 = V, v1 = V, v2 = V, v3 = V,               \\
+                   w0 = V, w1 = V, w2 = V, w3 = V;                                          \\
+        double u, tv = 0.0, tw = 0.0;                                                       \\
+        Py_ssize_t r, i, e, fill = 0;                                                       \\
+        SYNCBN_ONE_DECL;                                                                    \\
+        for (r = 0; r < runs; r++, x += stride) {                                           \\
+            for (i = 0; i < n16; i = e) {                                                   \\
+                e = n16 - i < SYNCBN_BLOCK - fill ? n16 : i + SYNCBN_BLOCK - fill;          \\
+                fill += e - i;                                                              \\
+                for (; i < e; i += 16) {                                                    \\
+                    d = SYNCBN_SUB(SYNCBN_LOAD4(x + i), P);      v0 += d; w0 += d * d;      \\
+                    d = SYNCBN_SUB(SYNCBN_LOAD4(x + i + 4), P);  v1 += d; w1 += d * d;      \\
+                    d = SYNCBN_SUB(SYNCBN_LOAD4(x + i + 8), P);  v2 += d; w2 += d * d;      \\
+                    d = SYNCBN_SUB(SYNCBN_LOAD4(x + i + 12), P); v3 += d; w3 += d * d;      \\
+                }                                                                           \\
+                if (fill == SYNCBN_BLOCK) {                                                 \\
+                    SYNCBN_FLUSH();                                                         \\
+                    fill = 0;                                                               \\
+                }                                                                           \\
+            }                                                                               \\
+            for (; i + 4 <= n; i += 4) {                                                    \\
+                d = SYNCBN_SUB(SYNCBN_LOAD4(x + i), P);          V += d;  W += d * d;       \\
+            }                                                                               \\
+            for (; i < n; i++) {                                                            \\
+                u = (double)x[i] - p;                            tv += u; tw += u * u;      \\
+            }                                                                               \\
+        }                                                                                   \\
+        SYNCBN_FLUSH();                                                                     \\
+        *s1 += syncbn_hsum4(V) + tv;                                                        \\
+        *s2 += syncbn_hsum4(W) + tw;                                                        \\
+    }                                                                                       \\
+                                                                                            \\
+    static void syncbn_dot_##S(const T* dy, const T* x, Py_ssize_t runs,                    \\
+                               Py_ssize_t stride, Py_ssize_t n, double mu,                  \\
+                               double* s1, double* s2) {                                    \\
+        const syncbn_v4d M = {mu, mu, mu, mu};                                              \\
+        const Py_ssize_t n16 = n - n % 16;                                                  \\
+        syncbn_v4d g, V = syncbn_zero, W = V, v0 = V, v1 = V, v2 = V, v3 = V,               \\
+                   w0 = V, w1 = V, w2 = V, w3 = V;                                          \\
+        double h, tv = 0.0, tw = 0.0;                                                       \\
+        Py_ssize_t r, i, e, fill = 0;                                                       \\
+        SYNCBN_ONE_DECL;                                                                    \\
+        for (r = 0; r < runs; r++, dy += stride, x += stride) {                             \\
+            for (i = 0; i < n16; i = e) {                                                   \\
+                e = n16 - i < SYNCBN_BLOCK - fill ? n16 : i + SYNCBN_BLOCK - fill;          \\
+                fill += e - i;                                                              \\
+                for (; i < e; i += 16) {                                                    \\
+                    g = SYNCBN_LOAD4(dy + i);      v0 += g;                                 \\
+                    w0 += g * SYNCBN_SUB(SYNCBN_LOAD4(x + i), M);                           \\
+                    g = SYNCBN_LOAD4(dy + i + 4);  v1 += g;                                 \\
+                    w1 += g * SYNCBN_SUB(SYNCBN_LOAD4(x + i + 4), M);                       \\
+                    g = SYNCBN_LOAD4(dy + i + 8);  v2 += g;                                 \\
+                    w2 += g * SYNCBN_SUB(SYNCBN_LOAD4(x + i + 8), M);                       \\
+                    g = SYNCBN_LOAD4(dy + i + 12); v3 += g;                                 \\
+                    w3 += g * SYNCBN_SUB(SYNCBN_LOAD4(x + i + 12), M);                      \\
+                }                                                                           \\
+                if (fill == SYNCBN_BLOCK) {                                                 \\
+                    SYNCBN_FLUSH();                                                         \\
+                    fill = 0;                                                               \\
+                }                                                                           \\
+            }                                                                               \\
+            for (; i + 4 <= n; i += 4) {                                                    \\
+                g = SYNCBN_LOAD4(dy + i);          V += g;                                  \\
+                W += g * SYNCBN_SUB(SYNCBN_LOAD4(x + i), M);                                \\
+            }                                                                               \\
+            for (; i < n; i++) {                                                            \\
+                h = (double)dy[i];                 tv += h;                                 \\
+                tw += h * ((double)x[i] - mu);                                              \\
+            }                                                                               \\
+        }                                                                                   \\
+        SYNCBN_FLUSH();                                                                     \\
+        *s1 += syncbn_hsum4(V) + tv;                                                        \\
+        *s2 += syncbn_hsum4(W) + tw;                                                        \\
+    }                                                                                       \\
+                                                                                            \\
+    /* rows: 16 columns at a time, each column's partial sums in its own lane,              \\
+       added to s1, s2 every SYNCBN_ROWS rows */                                            \\
+    static void syncbn_cols_moments_##S(const T* x, Py_ssize_t rows, Py_ssize_t C,          \\
+                                        const double* p, double* s1, double* s2) {          \\
+        syncbn_v4d d, P0, P1, P2, P3, v0, v1, v2, v3, w0, w1, w2, w3;                       \\
+        const T* r;                                                                         \\
+        Py_ssize_t m0, m1, m, c;                                                            \\
+        double u, a0, a1, b0, b1;                                                           \\
+        SYNCBN_ONE_DECL;                                                                    \\
+        for (m0 = 0; m0 < rows; m0 = m1) {                                                  \\
+            m1 = rows - m0 < SYNCBN_ROWS ? rows : m0 + SYNCBN_ROWS;                         \\
+            for (c = 0; c + 16 <= C; c += 16) {                                             \\
+                P0 = SYNCBN_LOAD4(p + c);     P1 = SYNCBN_LOAD4(p + c + 4);                 \\
+                P2 = SYNCBN_LOAD4(p + c + 8); P3 = SYNCBN_LOAD4(p + c + 12);                \\
+                v0 = v1 = v2 = v3 = w0 = w1 = w2 = w3 = syncbn_zero;                        \\
+                for (m = m0, r = x + m0 * C + c; m < m1; m++, r += C) {                     \\
+                    d = SYNCBN_SUB(SYNCBN_LOAD4(r), P0);      v0 += d; w0 += d * d;         \\
+                    d = SYNCBN_SUB(SYNCBN_LOAD4(r + 4), P1);  v1 += d; w1 += d * d;         \\
+                    d = SYNCBN_SUB(SYNCBN_LOAD4(r + 8), P2);  v2 += d; w2 += d * d;         \\
+                    d = SYNCBN_SUB(SYNCBN_LOAD4(r + 12), P3); v3 += d; w3 += d * d;         \\
+                }                                                                           \\
+                SYNCBN_ADD4(s1 + c, v0);      SYNCBN_ADD4(s2 + c, w0);                      \\
+                SYNCBN_ADD4(s1 + c + 4, v1);  SYNCBN_ADD4(s2 + c + 4, w1);                  \\
+                SYNCBN_ADD4(s1 + c + 8, v2);  SYNCBN_ADD4(s2 + c + 8, w2);                  \\
+                SYNCBN_ADD4(s1 + c + 12, v3); SYNCBN_ADD4(s2 + c + 12, w3);                 \\
+            }                                                                               \\
+            for (; c + 4 <= C; c += 4) {                                                    \\
+                P0 = SYNCBN_LOAD4(p + c);                                                   \\
+                v0 = v1 = w0 = w1 = syncbn_zero;                                            \\
+                for (m = m0, r = x + m0 * C + c; m + 2 <= m1; m += 2, r += 2 * C) {         \\
+                    d = SYNCBN_SUB(SYNCBN_LOAD4(r), P0);      v0 += d; w0 += d * d;         \\
+                    d = SYNCBN_SUB(SYNCBN_LOAD4(r + C), P0);  v1 += d; w1 += d * d;         \\
+                }                                                                           \\
+                if (m < m1) {                                                               \\
+                    d = SYNCBN_SUB(SYNCBN_LOAD4(r), P0);      v0 += d; w0 += d * d;         \\
+                }                                                                           \\
+                v0 += v1;                                                                   \\
+                w0 += w1;                                                                   \\
+                SYNCBN_ADD4(s1 + c, v0);      SYNCBN_ADD4(s2 + c, w0);                      \\
+            }                                                                               \\
+            for (; c < C; c++) {                                                            \\
+                a0 = a1 = b0 = b1 = 0.0;                                                    \\
+                for (m = m0, r = x + m0 * C + c; m + 2 <= m1; m += 2, r += 2 * C) {         \\
+                    u = (double)r[0] - p[c];                  a0 += u; b0 += u * u;         \\
+                    u = (double)r[C] - p[c];                  a1 += u; b1 += u * u;         \\
+                }                                                                           \\
+                if (m < m1) {                                                               \\
+                    u = (double)r[0] - p[c];                  a0 += u; b0 += u * u;         \\
+                }                                                                           \\
+                s1[c] += a0 + a1;                                                           \\
+                s2[c] += b0 + b1;                                                           \\
+            }                                                                               \\
+        }                                                                                   \\
+    }                                                                                       \\
+                                                                                            \\
+    static void syncbn_cols_dot_##S(const T* dy, const T* x, Py_ssize_t rows,               \\
+                                    Py_ssize_t C, const double* mu, double* s1,             \\
+                                    double* s2) {                                           \\
+        syncbn_v4d g, M0, M1, M2, M3, v0, v1, v2, v3, w0, w1, w2, w3;                       \\
+        Py_ssize_t m0, m1, m, c, o;                                                         \\
+        double h, a0, a1, b0, b1;                                                           \\
+        SYNCBN_ONE_DECL;                                                                    \\
+        for (m0 = 0; m0 < rows; m0 = m1) {                                                  \\
+            m1 = rows - m0 < SYNCBN_ROWS ? rows : m0 + SYNCBN_ROWS;                         \\
+            for (c = 0; c + 16 <= C; c += 16) {                                             \\
+                M0 = SYNCBN_LOAD4(mu + c);     M1 = SYNCBN_LOAD4(mu + c + 4);               \\
+                M2 = SYNCBN_LOAD4(mu + c + 8); M3 = SYNCBN_LOAD4(mu + c + 12);              \\
+                v0 = v1 = v2 = v3 = w0 = w1 = w2 = w3 = syncbn_zero;                        \\
+                for (m = m0, o = m0 * C + c; m < m1; m++, o += C) {                         \\
+                    g = SYNCBN_LOAD4(dy + o);      v0 += g;                                 \\
+                    w0 += g * SYNCBN_SUB(SYNCBN_LOAD4(x + o), M0);                          \\
+                    g = SYNCBN_LOAD4(dy + o + 4);  v1 += g;                                 \\
+                    w1 += g * SYNCBN_SUB(SYNCBN_LOAD4(x + o + 4), M1);                      \\
+                    g = SYNCBN_LOAD4(dy + o + 8);  v2 += g;                                 \\
+                    w2 += g * SYNCBN_SUB(SYNCBN_LOAD4(x + o + 8), M2);                      \\
+                    g = SYNCBN_LOAD4(dy + o + 12); v3 += g;                                 \\
+                    w3 += g * SYNCBN_SUB(SYNCBN_LOAD4(x + o + 12), M3);                     \\
+                }                                                                           \\
+                SYNCBN_ADD4(s1 + c, v0);      SYNCBN_ADD4(s2 + c, w0);                      \\
+                SYNCBN_ADD4(s1 + c + 4, v1);  SYNCBN_ADD4(s2 + c + 4, w1);                  \\
+                SYNCBN_ADD4(s1 + c + 8, v2);  SYNCBN_ADD4(s2 + c + 8, w2);                  \\
+                SYNCBN_ADD4(s1 + c + 12, v3); SYNCBN_ADD4(s2 + c + 12, w3);                 \\
+            }                                                                               \\
+            for (; c + 4 <= C; c += 4) {                                                    \\
+                M0 = SYNCBN_LOAD4(mu + c);                                                  \\
+                v0 = v1 = w0 = w1 = syncbn_zero;                                            \\
+                for (m = m0, o = m0 * C + c; m + 2 <= m1; m += 2, o += 2 * C) {             \\
+                    g = SYNCBN_LOAD4(dy + o);      v0 += g;                                 \\
+                    w0 += g * SYNCBN_SUB(SYNCBN_LOAD4(x + o), M0);                          \\
+                    g = SYNCBN_LOAD4(dy + o + C);  v1 += g;                                 \\
+                    w1 += g * SYNCBN_SUB(SYNCBN_LOAD4(x + o + C), M0);                      \\
+                }                                                                           \\
+                if (m < m1) {                                                               \\
+                    g = SYNCBN_LOAD4(dy + o);      v0 += g;                                 \\
+                    w0 += g * SYNCBN_SUB(SYNCBN_LOAD4(x + o), M0);                          \\
+                }                                                                           \\
+                v0 += v1;                                                                   \\
+                w0 += w1;                                                                   \\
+                SYNCBN_ADD4(s1 + c, v0);      SYNCBN_ADD4(s2 + c, w0);                      \\
+            }                                                                               \\
+            for (; c < C; c++) {                                                            \\
+                a0 = a1 = b0 = b1 = 0.0;                                                    \\
+                for (m = m0, o = m0 * C + c; m + 2 <= m1; m += 2, o += 2 * C) {             \\
+                    h = (double)dy[o];             a0 += h;                                 \\
+                    b0 += h * ((double)x[o] - mu[c]);                                       \\
+                    h = (double)dy[o + C];         a1 += h;                                 \\
+                    b1 += h * ((double)x[o + C] - mu[c]);                                   \\
+                }                                                                           \\
+                if (m < m1) {                                                               \\
+                    h = (double)dy[o];             a0 += h;                                 \\
+                    b0 += h * ((double)x[o] - mu[c]);                                       \\
+                }                                                                           \\
+                s1[c] += a0 + a1;                                                           \\
+                s2[c] += b0 + b1;                                                           \\
+            }                                                                               \\
+        }                                                                                   \\
+    }                                                                                       \\
+                                                                                            \\
+    /* element-wise: each value is loaded before its own result is stored, so out           \\
+       may be x (or z) itself */                                                            \\
+    static void syncbn_affine_##S(const T* x, T* out, Py_ssize_t n, double a, double k) {   \\
+        const syncbn_v4d A = {a, a, a, a}, K = {k, k, k, k};                                \\
+        syncbn_v4d y0, y1, y2, y3;                                                          \\
+        Py_ssize_t i = 0;                                                                   \\
+        for (; i + 16 <= n; i += 16) {                                                      \\
+            y0 = SYNCBN_LOAD4(x + i) * A + K;                                               \\
+            y1 = SYNCBN_LOAD4(x + i + 4) * A + K;                                           \\
+            y2 = SYNCBN_LOAD4(x + i + 8) * A + K;                                           \\
+            y3 = SYNCBN_LOAD4(x + i + 12) * A + K;                                          \\
+            SYNCBN_STORE4(out + i, y0, T);     SYNCBN_STORE4(out + i + 4, y1, T);           \\
+            SYNCBN_STORE4(out + i + 8, y2, T); SYNCBN_STORE4(out + i + 12, y3, T);          \\
+        }                                                                                   \\
+        for (; i + 4 <= n; i += 4) {                                                        \\
+            y0 = SYNCBN_LOAD4(x + i) * A + K;                                               \\
+            SYNCBN_STORE4(out + i, y0, T);                                                  \\
+        }                                                                                   \\
+        for (; i < n; i++)                                                                  \\
+            out[i] = (T)((double)x[i] * a + k);                                             \\
+    }                                                                                       \\
+                                                                                            \\
+    static void syncbn_affine2_##S(const T* x, const T* z, T* out, Py_ssize_t n,            \\
+                                   double a, double b, double k) {                          \\
+        const syncbn_v4d A = {a, a, a, a}, B = {b, b, b, b}, K = {k, k, k, k};              \\
+        syncbn_v4d y0, y1;                                                                  \\
+        Py_ssize_t i = 0;                                                                   \\
+        for (; i + 8 <= n; i += 8) {                                                        \\
+            y0 = SYNCBN_LOAD4(x + i) * A + (SYNCBN_LOAD4(z + i) * B + K);                   \\
+            y1 = SYNCBN_LOAD4(x + i + 4) * A + (SYNCBN_LOAD4(z + i + 4) * B + K);           \\
+            SYNCBN_STORE4(out + i, y0, T);     SYNCBN_STORE4(out + i + 4, y1, T);           \\
+        }                                                                                   \\
+        for (; i + 4 <= n; i += 4) {                                                        \\
+            y0 = SYNCBN_LOAD4(x + i) * A + (SYNCBN_LOAD4(z + i) * B + K);                   \\
+            SYNCBN_STORE4(out + i, y0, T);                                                  \\
+        }                                                                                   \\
+        for (; i < n; i++)                                                                  \\
+            out[i] = (T)((double)x[i] * a + ((double)z[i] * b + k));                        \\
+    }                                                                                       \\
+                                                                                            \\
+    static void syncbn_rows_affine_##S(const T* x, T* out, Py_ssize_t rows, Py_ssize_t C,   \\
+                                       const double* a, const double* k) {                  \\
+        syncbn_v4d y0, y1;                                                                  \\
+        Py_ssize_t m, c;                                                                    \\
+        for (m = 0; m < rows; m++, x += C, out += C) {                                      \\
+            for (c = 0; c + 8 <= C; c += 8) {                                               \\
+                y0 = SYNCBN_LOAD4(x + c) * SYNCBN_LOAD4(a + c) + SYNCBN_LOAD4(k + c);       \\
+                y1 = SYNCBN_LOAD4(x + c + 4) * SYNCBN_LOAD4(a + c + 4) + SYNCBN_LOAD4(k + c + 4); \\
+                SYNCBN_STORE4(out + c, y0, T); SYNCBN_STORE4(out + c + 4, y1, T);           \\
+            }                                                                               \\
+            for (; c < C; c++)                                                              \\
+                out[c] = (T)((double)x[c] * a[c] + k[c]);                                   \\
+        }                                                                                   \\
+    }                                                                                       \\
+                                                                                            \\
+    static void syncbn_rows_affine2_##S(const T* x, const T* z, T* out, Py_ssize_t rows,    \\
+                                        Py_ssize_t C, const double* a, const double* b,     \\
+                                        const double* k) {                                  \\
+        syncbn_v4d y0;                                                                      \\
+        Py_ssize_t m, c;                                                                    \\
+        for (m = 0; m < rows; m++, x += C, z += C, out += C) {                              \\
+            for (c = 0; c + 4 <= C; c += 4) {                                               \\
+                y0 = SYNCBN_LOAD4(x + c) * SYNCBN_LOAD4(a + c)                              \\
+                     + (SYNCBN_LOAD4(z + c) * SYNCBN_LOAD4(b + c) + SYNCBN_LOAD4(k + c));   \\
+                SYNCBN_STORE4(out + c, y0, T);                                              \\
+            }                                                                               \\
+            for (; c < C; c++)                                                              \\
+                out[c] = (T)((double)x[c] * a[c] + ((double)z[c] * b[c] + k[c]));           \\
+        }                                                                                   \\
     }
 
-    #else  /* plain C: the same sums in the same lanes */
+    #else  /* plain C: the same sums, without the vector types */
     #define SYNCBN_VECTOR_EXT 0
-    #define SYNCBN_LANES 16
-    static double syncbn_lanes_sum(const double* a) {
-        int j;
-        double t = 0.0;
-        for (j = 0; j < SYNCBN_LANES; j++)
-            t += a[j];
-        return t;
-    }
 
-    #define SYNCBN_DEFINE(S, T)                                                      \\
-    static void syncbn_moments_##S(const T* x, Py_ssize_t runs, Py_ssize_t stride,  \\
-                                   Py_ssize_t n, double p, double* s1, double* s2) { \\
-        double a[SYNCBN_LANES] = {0}, b[SYNCBN_LANES] = {0}, u, tv = 0.0, tw = 0.0;  \\
-        Py_ssize_t r, i, j;                                                         \\
-        for (r = 0; r < runs; r++, x += stride) {                                   \\
-            for (i = 0; i + SYNCBN_LANES <= n; i += SYNCBN_LANES)                   \\
-                for (j = 0; j < SYNCBN_LANES; j++) {                                \\
-                    u = (double)x[i + j] - p; a[j] += u; b[j] += u * u;             \\
-                }                                                                   \\
-            for (; i < n; i++) {                                                    \\
-                u = (double)x[i] - p; tv += u; tw += u * u;                         \\
-            }                                                                       \\
-        }                                                                           \\
-        *s1 += syncbn_lanes_sum(a) + tv;                                            \\
-        *s2 += syncbn_lanes_sum(b) + tw;                                            \\
-    }                                                                               \\
-    static void syncbn_dot_##S(const T* dy, const T* x, Py_ssize_t runs,            \\
-                               Py_ssize_t stride, Py_ssize_t n, double mu,          \\
-                               double* s1, double* s2) {                            \\
-        double a[SYNCBN_LANES] = {0}, b[SYNCBN_LANES] = {0}, h, tv = 0.0, tw = 0.0;  \\
-        Py_ssize_t r, i, j;                                                         \\
-        for (r = 0; r < runs; r++, dy += stride, x += stride) {                     \\
-            for (i = 0; i + SYNCBN_LANES <= n; i += SYNCBN_LANES)                   \\
-                for (j = 0; j < SYNCBN_LANES; j++) {                                \\
-                    h = (double)dy[i + j]; a[j] += h;                               \\
-                    b[j] += h * ((double)x[i + j] - mu);                            \\
-                }                                                                   \\
-            for (; i < n; i++) {                                                    \\
-                h = (double)dy[i]; tv += h; tw += h * ((double)x[i] - mu);          \\
-            }                                                                       \\
-        }                                                                           \\
-        *s1 += syncbn_lanes_sum(a) + tv;                                            \\
-        *s2 += syncbn_lanes_sum(b) + tw;                                            \\
-    }                                                                               \\
-    static void syncbn_cols_moments_##S(const T* x, Py_ssize_t rows, Py_ssize_t C,  \\
-                                        const double* p, double* s1, double* s2) {  \\
-        Py_ssize_t m, c;                                                            \\
-        double u;                                                                   \\
-        for (m = 0; m < rows; m++, x += C)                                          \\
-            for (c = 0; c < C; c++) {                                               \\
-                u = (double)x[c] - p[c]; s1[c] += u; s2[c] += u * u;                \\
-            }                                                                       \\
-    }                                                                               \\
-    static void syncbn_cols_dot_##S(const T* dy, const T* x, Py_ssize_t rows,       \\
-                                    Py_ssize_t C, const double* mu, double* s1,     \\
-                                    double* s2) {                                   \\
-        Py_ssize_t m, c;                                                            \\
-        double h;                                                                   \\
-        for (m = 0; m < rows; m++, dy += C, x += C)                                 \\
-            for (c = 0; c < C; c++) {                                               \\
-                h = (double)dy[c]; s1[c] += h; s2[c] += h * ((double)x[c] - mu[c]); \\
-            }                                                                       \\
-    }                                                                               \\
-    static void syncbn_affine_##S(const T* x, T* out, Py_ssize_t n, double a,       \\
-                                  double k) {                                       \\
-        Py_ssize_t i;                                                               \\
-        for (i = 0; i < n; i++)                                                     \\
-            out[i] = (T)((double)x[i] * a + k);                                     \\
-    }                                                                               \\
-    static void syncbn_affine2_##S(const T* x, const T* z, T* out, Py_ssize_t n,    \\
-                                   double a, double b, double k) {                  \\
-        Py_ssize_t i;                                                               \\
-        for (i = 0; i < n; i++)                                                     \\
-            out[i] = (T)((double)x[i] * a + ((double)z[i] * b + k));                \\
-    }                                                                               \\
-    static void syncbn_rows_affine_##S(const T* x, T* out, Py_ssize_t rows,         \\
-                                       Py_ssize_t C, const double* a,               \\
-                                       const double* k) {                           \\
-        Py_ssize_t m, c;                                                            \\
-        for (m = 0; m < rows; m++, x += C, out += C)                                \\
-            for (c = 0; c < C; c++)                                                 \\
-                out[c] = (T)((double)x[c] * a[c] + k[c]);                           \\
-    }                                                                               \\
-    static void syncbn_rows_affine2_##S(const T* x, const T* z, T* out,             \\
-                                        Py_ssize_t rows, Py_ssize_t C,              \\
-                                        const double* a, const double* b,           \\
-                                        const double* k) {                          \\
-        Py_ssize_t m, c;                                                            \\
-        for (m = 0; m < rows; m++, x += C, z += C, out += C)                        \\
-            for (c = 0; c < C; c++)                                                 \\
-                out[c] = (T)((double)x[c] * a[c] + ((double)z[c] * b[c] + k[c]));   \\
+    #define SYNCBN_DEFINE(S, T)                                                             \\
+    static double syncbn_lanes_sum_##S(const double* a) {                                   \\
+        double t = 0.0;                                                                     \\
+        int j;                                                                              \\
+        for (j = 0; j < SYNCBN_LANES; j++)                                                  \\
+            t += a[j];                                                                      \\
+        return t;                                                                           \\
+    }                                                                                       \\
+                                                                                            \\
+    static void syncbn_moments_##S(const T* x, Py_ssize_t runs, Py_ssize_t stride,          \\
+                                   Py_ssize_t n, double p, double* s1, double* s2) {        \\
+        double a[SYNCBN_LANES] = {0}, b[SYNCBN_LANES] = {0}, u, tv = 0.0, tw = 0.0;         \\
+        Py_ssize_t r, i, j;                                                                 \\
+        for (r = 0; r < runs; r++, x += stride) {                                           \\
+            for (i = 0; i + SYNCBN_LANES <= n; i += SYNCBN_LANES)                           \\
+                for (j = 0; j < SYNCBN_LANES; j++) {                                        \\
+                    u = (double)x[i + j] - p;                                               \\
+                    a[j] += u;                                                              \\
+                    b[j] += u * u;                                                          \\
+                }                                                                           \\
+            for (; i < n; i++) {                                                            \\
+                u = (double)x[i] - p;                                                       \\
+                tv += u;                                                                    \\
+                tw += u * u;                                                                \\
+            }                                                                               \\
+        }                                                                                   \\
+        *s1 += syncbn_lanes_sum_##S(a) + tv;                                                \\
+        *s2 += syncbn_lanes_sum_##S(b) + tw;                                                \\
+    }                                                                                       \\
+                                                                                            \\
+    static void syncbn_dot_##S(const T* dy, const T* x, Py_ssize_t runs,                    \\
+                               Py_ssize_t stride, Py_ssize_t n, double mu,                  \\
+                               double* s1, double* s2) {                                    \\
+        double a[SYNCBN_LANES] = {0}, b[SYNCBN_LANES] = {0}, h, tv = 0.0, tw = 0.0;         \\
+        Py_ssize_t r, i, j;                                                                 \\
+        for (r = 0; r < runs; r++, dy += stride, x += stride) {                             \\
+            for (i = 0; i + SYNCBN_LANES <= n; i += SYNCBN_LANES)                           \\
+                for (j = 0; j < SYNCBN_LANES; j++) {                                        \\
+                    h = (double)dy[i + j];                                                  \\
+                    a[j] += h;                                                              \\
+                    b[j] += h * ((double)x[i + j] - mu);                                    \\
+                }                                                                           \\
+            for (; i < n; i++) {                                                            \\
+                h = (double)dy[i];                                                          \\
+                tv += h;                                                                    \\
+                tw += h * ((double)x[i] - mu);                                              \\
+            }                                                                               \\
+        }                                                                                   \\
+        *s1 += syncbn_lanes_sum_##S(a) + tv;                                                \\
+        *s2 += syncbn_lanes_sum_##S(b) + tw;                                                \\
+    }                                                                                       \\
+                                                                                            \\
+    static void syncbn_cols_moments_##S(const T* x, Py_ssize_t rows, Py_ssize_t C,          \\
+                                        const double* p, double* s1, double* s2) {          \\
+        Py_ssize_t m, c;                                                                    \\
+        double u;                                                                           \\
+        for (m = 0; m < rows; m++, x += C)                                                  \\
+            for (c = 0; c < C; c++) {                                                       \\
+                u = (double)x[c] - p[c];                                                    \\
+                s1[c] += u;                                                                 \\
+                s2[c] += u * u;                                                             \\
+            }                                                                               \\
+    }                                                                                       \\
+                                                                                            \\
+    static void syncbn_cols_dot_##S(const T* dy, const T* x, Py_ssize_t rows,               \\
+                                    Py_ssize_t C, const double* mu, double* s1,             \\
+                                    double* s2) {                                           \\
+        Py_ssize_t m, c;                                                                    \\
+        double h;                                                                           \\
+        for (m = 0; m < rows; m++, dy += C, x += C)                                         \\
+            for (c = 0; c < C; c++) {                                                       \\
+                h = (double)dy[c];                                                          \\
+                s1[c] += h;                                                                 \\
+                s2[c] += h * ((double)x[c] - mu[c]);                                        \\
+            }                                                                               \\
+    }                                                                                       \\
+                                                                                            \\
+    static void syncbn_affine_##S(const T* x, T* out, Py_ssize_t n, double a, double k) {   \\
+        Py_ssize_t i;                                                                       \\
+        for (i = 0; i < n; i++)                                                             \\
+            out[i] = (T)((double)x[i] * a + k);                                             \\
+    }                                                                                       \\
+                                                                                            \\
+    static void syncbn_affine2_##S(const T* x, const T* z, T* out, Py_ssize_t n,            \\
+                                   double a, double b, double k) {                          \\
+        Py_ssize_t i;                                                                       \\
+        for (i = 0; i < n; i++)                                                             \\
+            out[i] = (T)((double)x[i] * a + ((double)z[i] * b + k));                        \\
+    }                                                                                       \\
+                                                                                            \\
+    static void syncbn_rows_affine_##S(const T* x, T* out, Py_ssize_t rows, Py_ssize_t C,   \\
+                                       const double* a, const double* k) {                  \\
+        Py_ssize_t m, c;                                                                    \\
+        for (m = 0; m < rows; m++, x += C, out += C)                                        \\
+            for (c = 0; c < C; c++)                                                         \\
+                out[c] = (T)((double)x[c] * a[c] + k[c]);                                   \\
+    }                                                                                       \\
+                                                                                            \\
+    static void syncbn_rows_affine2_##S(const T* x, const T* z, T* out, Py_ssize_t rows,    \\
+                                        Py_ssize_t C, const double* a, const double* b,     \\
+                                        const double* k) {                                  \\
+        Py_ssize_t m, c;                                                                    \\
+        for (m = 0; m < rows; m++, x += C, z += C, out += C)                                \\
+            for (c = 0; c < C; c++)                                                         \\
+                out[c] = (T)((double)x[c] * a[c] + ((double)z[c] * b[c] + k[c]));           \\
     }
     #endif
 
@@ -515,7 +581,8 @@ cdef str _describe(object a):
     if not isinstance(a, np.ndarray):
         return type(a).__name__
     flags = "C-contiguous" if a.flags.c_contiguous else "non-contiguous"
-    return f"{a.dtype.str if a.dtype.byteorder == '>' else a.dtype} array of shape {a.shape}, {flags}"
+    dtype = a.dtype.str if a.dtype.byteorder == ">" else a.dtype
+    return f"{dtype} array of shape {a.shape}, {flags}"
 
 
 cdef int _check_layout(str name, cnp.ndarray a, bint writeable) except -1:
@@ -819,8 +886,12 @@ cdef void _stats(
 ) noexcept nogil:
     cdef Py_ssize_t C = sp.C, c, t, stride = _sums_stride(C)
     cdef double* w
+    cdef double v
     for c in range(C):
-        piv[c] = <double>x[c * sp.L] if sp.L > 0 else <double>x[c]
+        v = <double>x[c * sp.L] if sp.L > 0 else <double>x[c]
+        # a non-finite pivot would turn every x - pivot into NaN (inf - inf),
+        # even where the true sums are +-inf; 0 lets them come out as they should
+        piv[c] = v if isfinite(v) else 0.0
     if sp.nt == 1:
         # no parallel region: even a one-thread team costs microseconds
         _stats_share(x, sp, piv, 0, s1, s2)
@@ -847,10 +918,11 @@ def local_stats(
     layout a SUM allreduce combines across ranks.
 
     Each channel is first accumulated around a local pivot (its first value
-    here), so the float64 sums never cancel catastrophically however large
-    ``|mean| / std`` is; they are then moved to ``shift`` in float64. The
-    result stays accurate as long as ``|mean - shift| / std`` is well below
-    1e8, and is exact in the count. Empty input gives zeros.
+    here, or 0 if that is not finite), so the float64 sums never cancel
+    catastrophically however large ``|mean| / std`` is; they are then moved
+    to ``shift`` in float64. The result stays accurate as long as
+    ``|mean - shift| / std`` is well below 1e8, and is exact in the count.
+    Empty input gives zeros.
     """
     cdef Py_ssize_t C = _check_data("x", x)
     cdef const double* sh = _vec("shift", shift, C)
@@ -883,8 +955,9 @@ def local_stats(
         # sum(x - s) = S1 + n d,  sum((x - s)^2) = S2 + 2 d S1 + n d^2
         for c in range(C):
             d = piv[c] - sh[c]
-            o[C + c] = o[C + c] + d * (2.0 * o[c] + n * d)
-            o[c] = o[c] + n * d
+            if d != 0.0:    # (and an infinite sum stays as it is)
+                o[C + c] = o[C + c] + d * (2.0 * o[c] + n * d)
+                o[c] = o[c] + n * d
     free(sums)
 
 
