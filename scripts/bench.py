@@ -512,7 +512,8 @@ def render(doc: dict[str, Any]) -> str:
         out += ["## Peak extra memory per step (1 process)", "",
                 "Peak bytes live during one step above the level before it (input, g, parameters "
                 "excluded; output, saved tensors, temporaries and the new gradients included). "
-                "Two parts, measured in separate steps and added: torch's CPU allocator, from the "
+                "Two parts, measured in separate steps and added (an upper bound of the joint peak): "
+                "torch's CPU allocator, from the "
                 "profiler's allocation events (every allocation and free, its size and time: the "
                 "maximum of the running sum); and the Python heap with NumPy's data, from "
                 "tracemalloc (NumPy reports its buffers to it). Gradients are set to None before "
