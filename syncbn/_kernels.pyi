@@ -1,9 +1,12 @@
 """Typed stub of the compiled module syncbn._kernels (see _kernels.pyx).
 
-Data arrays are C-contiguous float32 or float64 numpy arrays of shape
-(N, C, L) (channels-first) or (M, C) (rows: 2-D and channels-last input).
-Per-channel vectors are 1-D float64 arrays of length C. ``num_threads=0``
-means OpenMP's default; the count is capped by the amount of work.
+Data arrays are C-contiguous, aligned float32 or float64 numpy arrays in
+native byte order, of shape (N, C, L) (channels-first) or (M, C) (rows: 2-D
+and channels-last input). Per-channel vectors are 1-D float64 arrays of
+length C. ``num_threads=0`` means OpenMP's default; the count is capped by the
+amount of work. Arguments are checked before anything is written: TypeError
+for a wrong type or dtype, ValueError for a wrong shape, length, layout or a
+read-only output, each saying "expected X (got Y)".
 """
 from typing import Optional
 
@@ -16,7 +19,11 @@ Vec = npt.NDArray[np.float64]
 def openmp_enabled() -> bool: ...
 def max_threads() -> int: ...
 def local_stats(x: Data, shift: Vec, out: Vec, num_threads: int = 0) -> None:
-    """out[:C] = sum(x - shift), out[C:2C] = sum((x - shift)**2), out[2C] = count."""
+    """out[:C] = sum(x - shift), out[C:2C] = sum((x - shift)**2), out[2C] = count.
+
+    float64 sums around a pivot inside each channel's data, so a large
+    |mean| / std costs no accuracy; non-finite values give +-inf / NaN sums.
+    """
 def normalize(
     x: Data,
     mean: Vec,
@@ -26,7 +33,7 @@ def normalize(
     out: Data,
     num_threads: int = 0,
 ) -> None:
-    """out = (x - mean) * invstd * weight + bias."""
+    """out = (x - mean) * invstd * weight + bias, float64 arithmetic; out may be x."""
 def backward_reduce(dy: Data, x: Data, mean: Vec, out: Vec, num_threads: int = 0) -> None:
     """out[:C] = sum(dy), out[C:2C] = sum(dy * (x - mean))."""
 def backward_input(
@@ -40,4 +47,7 @@ def backward_input(
     out: Data,
     num_threads: int = 0,
 ) -> None:
-    """out = (dy - mean_dy - (x - mean) * invstd**2 * mean_dy_xmu) * invstd * weight."""
+    """out = (dy - mean_dy - (x - mean) * invstd**2 * mean_dy_xmu) * invstd * weight.
+
+    float64 arithmetic; out may be dy or x.
+    """
