@@ -213,7 +213,8 @@ _LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 
 
 def _mpi_world_size() -> int:
-    """Size of MPI COMM_WORLD, or 1 when not under an MPI launcher.
+    """Size of MPI COMM_WORLD, or 1 when not under an MPI launcher (ImportError
+    when under one without mpi4py).
 
     mpi4py is imported (which initializes MPI) only when a launcher's
     environment says there is more than one rank, so plain single-process
@@ -221,11 +222,10 @@ def _mpi_world_size() -> int:
     """
     if not any(_optional_int(os.environ.get(v)) > 1 for v in _LAUNCHER_SIZE_VARS):
         return 1
-    try:
-        MPI = _import_mpi()
-    except ImportError:
-        return 1
-    return int(MPI.COMM_WORLD.Get_size())
+    # An MPI launcher started several ranks: falling back to one process
+    # would silently train with unsynchronized statistics, so a missing
+    # mpi4py is an error here.
+    return int(_import_mpi().COMM_WORLD.Get_size())
 
 
 def _optional_int(value: Optional[str]) -> int:

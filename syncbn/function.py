@@ -51,17 +51,16 @@ class _Layout(NamedTuple):
             return None
         return a.reshape(self.shape[0], C, math.prod(self.shape[2:]))
 
-    def empty(self, dtype: np.dtype) -> tuple[np.ndarray, torch.Tensor]:
-        """A new array in kernel layout, and the tensor of logical shape on its memory."""
+    def empty(self, dtype: torch.dtype) -> tuple[np.ndarray, torch.Tensor]:
+        """A new tensor of logical shape in this layout, and its kernel view."""
         C = self.shape[1]
         if self.rows:
             perm = self.perm
-            shape = tuple(self.shape[p] for p in perm)
-            a = np.empty(shape, dtype=dtype)
-            inverse = tuple(perm.index(i) for i in range(len(perm)))
-            return a.reshape(-1, C), torch.from_numpy(a).permute(inverse)
-        a = np.empty(self.shape, dtype=dtype)
-        return a.reshape(self.shape[0], C, math.prod(self.shape[2:])), torch.from_numpy(a)
+            t = torch.empty([self.shape[p] for p in perm], dtype=dtype)
+            inverse = [perm.index(i) for i in range(len(perm))]
+            return t.numpy().reshape(-1, C), t.permute(inverse)
+        t = torch.empty(self.shape, dtype=dtype)
+        return t.numpy().reshape(self.shape[0], C, math.prod(self.shape[2:])), t
 
 
 def _kernel_input(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, _Layout]:
@@ -93,7 +92,7 @@ def _like_input(t: torch.Tensor, layout: _Layout, dtype: torch.dtype) -> np.ndar
     a = t.detach().numpy()
     v = layout.view(a)
     if v is None:  # e.g. an expanded gradient: one contiguous copy in the right order
-        v, _ = layout.empty(a.dtype)
+        v, _ = layout.empty(t.dtype)
         if layout.rows:
             v.reshape([layout.shape[p] for p in layout.perm])[...] = a.transpose(layout.perm)
         else:
@@ -125,11 +124,12 @@ _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64, torch.floa
 
 
 def _lerp_(buf: torch.Tensor, target: np.ndarray, factor: float) -> None:
-    """``buf += factor * (target - buf)`` in place (buf: a running-statistics buffer).
+    """``buf = (1 - factor) * buf + factor * target`` in place (a running-statistics buffer).
 
-    A torch op, not a numpy one, so autograd's version counter sees the change.
+    torch's own formula: unlike ``lerp`` it keeps a +-Inf buffer +-Inf. Torch
+    ops, not numpy ones, so autograd's version counter sees the change.
     """
-    buf.lerp_(_from_vec(target, buf.dtype), factor)
+    buf.mul_(1.0 - factor).add_(_from_vec(target, buf.dtype), alpha=factor)
 
 
 class _Stats(NamedTuple):
@@ -144,7 +144,11 @@ def _global_stats(
     eps: float,
     comm: Communicator,
 ) -> tuple[_Stats, np.ndarray]:
-    """Global count, mean and invstd after one allreduce; also the biased variance."""
+    """Global count, mean and invstd, and the biased variance.
+
+    One allreduce; a second one only when the shift was so far from this
+    batch's mean that the variance would lose its accuracy (see _REFINE).
+    """
     C = xv.shape[1]
     buf = torch.empty(2 * C + 1, dtype=torch.float64)
     b = buf.numpy()
@@ -159,11 +163,46 @@ def _global_stats(
             f"batch of 1 value per channel (local input of {xv.size} values)")
     if n == 0:
         return _Stats(0.0, np.zeros(C), np.zeros(C)), np.zeros(C)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf input: NaN/Inf stats
+        return _finish_stats(xv, shift, eps, comm, buf, n)
+
+
+def _finish_stats(
+    xv: np.ndarray,
+    shift: torch.Tensor,
+    eps: float,
+    comm: Communicator,
+    buf: torch.Tensor,
+    n: float,
+) -> tuple[_Stats, np.ndarray]:
+    C = xv.shape[1]
+    b = buf.numpy()
+    s = shift.numpy()
     d = b[:C] / n                               # mean - shift
-    var = np.maximum(b[C:2 * C] / n - d * d, 0.0)
-    mean = shift.numpy() + d
+    var = b[C:2 * C] / n - d * d
+    # The variance keeps about 16 - log10((mean - shift)^2 / var) digits.
+    # When the shift is too far from this batch's mean (a first call with a
+    # huge |mean| / std, or the batch after a huge outlier), sum again around
+    # the mean just found. The decision uses reduced values only, so every
+    # rank takes it alike.
+    far = np.isfinite(d) & (d * d > _REFINE * np.maximum(var, 0.0))
+    if far.any():
+        s = np.where(np.isfinite(d), s + d, s)
+        _kernels.local_stats(xv, s, b, torch.get_num_threads())
+        comm.allreduce_(buf)
+        d = b[:C] / n
+        var = b[C:2 * C] / n - d * d
+    var = np.maximum(var, 0.0)
+    mean = s + d
     invstd = 1.0 / np.sqrt(var + eps)
     return _Stats(n, mean, invstd), var
+
+
+# (mean - shift)^2 / var above which the statistics are summed again around
+# the mean. Below it the relative error of the variance is at most about
+# 1e-16 * 1e13 = 1e-3: |mean| / std up to 1e6 from a zero shift (the first
+# call) stays within 1e-4 in one allreduce.
+_REFINE = 1e13
 
 
 def _update_running(
@@ -184,7 +223,7 @@ def _update_running(
     else:
         factor = momentum
     n = stats.count
-    with torch.no_grad():
+    with torch.no_grad(), np.errstate(over="ignore"):
         _lerp_(running_mean, stats.mean, factor)
         _lerp_(running_var, var * (n / (n - 1)), factor)
 
@@ -212,7 +251,7 @@ def _forward(
     # mean, which keeps the shifted sums free of cancellation.
     # (A non-finite mean, from NaN/Inf input, must not poison later calls.)
     np.copyto(shift.numpy(), stats.mean, where=np.isfinite(stats.mean))
-    yv, y = layout.empty(xv.dtype)
+    yv, y = layout.empty(xk.dtype)
     _kernels.normalize(xv, stats.mean, stats.invstd, _vec(weight), _vec(bias), yv,
                        torch.get_num_threads())
     if y.dtype != x.dtype:
@@ -275,7 +314,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         grad_x = None
         if need_x:
             comm.allreduce_(buf)
-            dxv, grad_x = layout.empty(xv.dtype)
+            dxv, grad_x = layout.empty(ctx.kernel_dtype)
             _kernels.backward_input(dyv, xv, stats.mean, stats.invstd, _vec(weight),
                                     b[:C] / stats.count, b[C:] / stats.count, dxv, nt)
             if grad_x.dtype != ctx.input_dtype:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -53,8 +54,10 @@ class SyncBatchNorm(_BatchNorm):
         device, dtype: of the parameters and buffers (CPU only).
         debug: before every forward, check with one small collective that all
             ranks agree on this layer (channels, input dtype, train/eval, call
-            count) and raise the same error on every rank if not; eval-mode
-            calls join that check too. Default: the environment variable
+            count, order of construction) and raise the same error on every
+            rank if not; eval-mode calls join that check too, and in training
+            a second check precedes the backward collective. Every rank must
+            then build the same SyncBatchNorm layers in the same order. Default: the environment variable
             ``SYNCBN_DEBUG`` (``1`` turns it on).
 
     Shape:
@@ -99,6 +102,10 @@ class SyncBatchNorm(_BatchNorm):
             debug = os.environ.get("SYNCBN_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
         self.debug = debug
         self._calls = 0
+        # Debug mode: the layer's number among those built on the same
+        # process group in this process, equal on every rank that builds the
+        # same model, so the check tells apart two layers of equal width.
+        self._layer_index = _next_layer_index(process_group)
 
     @property
     def communicator(self) -> Communicator:
@@ -146,12 +153,21 @@ class SyncBatchNorm(_BatchNorm):
     def _check_agreement(self, input: torch.Tensor) -> None:
         """Debug mode: the same error on every rank when ranks disagree on this layer."""
         self._calls += 1
+        self._check_fields(input.shape[1] if input.dim() >= 2 else -1,
+                           _DTYPE_CODES.get(input.dtype, -1), _FORWARD, self._calls)
+
+    def _check_fields(self, channels: int, dtype_code: int, phase: int, call: int) -> None:
+        # The same fields, so the same buffer size, before forward and backward
+        # collectives: a rank one collective ahead of the others meets a
+        # check, never a statistics buffer.
         fields = {
+            "layer (order of construction)": self._layer_index,
+            "pass": phase,
             "num_features": self.num_features,
-            "input channels": input.shape[1] if input.dim() >= 2 else -1,
-            "input dtype": _DTYPE_CODES.get(input.dtype, -1),
+            "input channels": channels,
+            "input dtype": dtype_code,
             "training": int(self.training),
-            "calls of this layer": self._calls,
+            "calls of this layer": call,
         }
         comm = self.communicator
         table = gather_values(comm, [float(v) for v in fields.values()])
@@ -186,17 +202,23 @@ class SyncBatchNorm(_BatchNorm):
         tracking = self.training and self.track_running_stats
         if self.training:
             comm, shift = self.communicator, self._shift
+            if self.debug:
+                comm = _CheckedBackward(self, comm, input.shape[1],
+                                        _DTYPE_CODES.get(input.dtype, -1), self._calls)
         else:
             # Batch statistics in eval (track_running_stats=False) stay local,
             # like torch.nn.SyncBatchNorm; a scratch shift keeps the shared one
             # identical across ranks.
             comm, shift = _LOCAL, self._shift.clone()
-        return sync_batch_norm(
+        out = sync_batch_norm(
             input, self.weight, self.bias,
             self.running_mean if tracking else None,
             self.running_var if tracking else None,
             self.num_batches_tracked if tracking else None,
             shift, self.eps, self.momentum, comm)
+        if isinstance(comm, _CheckedBackward):
+            comm.forward_done = True
+        return out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (
@@ -211,6 +233,60 @@ class SyncBatchNorm(_BatchNorm):
 
 _LOCAL = LocalCommunicator()
 
+_FORWARD, _BACKWARD = 1, 2
+
+
+class _CheckedBackward(Communicator):
+    """Debug mode: the layer's consistency check before each backward collective.
+
+    Forward collectives pass straight through (the forward was checked before
+    validation); once the forward is done, every allreduce is preceded by the
+    same fixed-size check, so a rank that goes on to a backward while the
+    others are in a forward raises on every rank instead of mixing buffers.
+    """
+
+    name = "debug"
+
+    def __init__(self, layer: SyncBatchNorm, inner: Communicator, channels: int,
+                 dtype_code: int, call: int) -> None:
+        super().__init__()
+        self._layer, self._inner = layer, inner
+        self._fields = (channels, dtype_code, _BACKWARD, call)
+        self.forward_done = False
+
+    @property
+    def rank(self) -> int:
+        return self._inner.rank
+
+    @property
+    def size(self) -> int:
+        return self._inner.size
+
+    def _allreduce(self, buf: torch.Tensor) -> None:
+        if self.forward_done:
+            self._layer._check_fields(*self._fields)
+        self._inner.allreduce_(buf)
+
+
+# Debug mode's layer numbers: per process group (None or a name, or the
+# group object itself, forgotten with it), the order of construction.
+_LAYER_COUNTS: dict[Any, int] = {}
+_LAYER_COUNTS_BY_OBJECT: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def _next_layer_index(spec: CommSpec) -> int:
+    counts: Any = _LAYER_COUNTS
+    key: Any = spec
+    if spec is not None and not isinstance(spec, str):
+        try:
+            _LAYER_COUNTS_BY_OBJECT.get(spec)
+            counts = _LAYER_COUNTS_BY_OBJECT
+        except TypeError:  # not weak-referenceable
+            key = ("object", id(spec))
+    index = counts.get(key, 0)
+    counts[key] = index + 1
+    return index
+
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
 
 
@@ -220,6 +296,8 @@ def _show(field: str, value: float) -> str:
         return names.get(int(value), "not floating point")
     if field == "training":
         return "train" if value else "eval"
+    if field == "pass":
+        return "forward" if value == _FORWARD else "backward"
     return str(int(value))
 
 

@@ -103,11 +103,6 @@ def test_nonfinite_like_torch_one_process(dtype: torch.dtype, fmt: torch.memory_
     assert not ours.running_mean[:4].isfinite().any()   # (±Inf or NaN: see below)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "function.py _lerp_: buf.lerp_(target, m) computes buf + m * (target - buf), which "
-    "turns a ±Inf running_mean into NaN at the next update (Inf - Inf); torch computes "
-    "(1 - m) * buf + m * target and keeps ±Inf. Fix: "
-    "`buf.mul_(1.0 - factor).add_(_from_vec(target, buf.dtype), alpha=factor)`"))
 def test_inf_running_mean_stays_inf_like_torch() -> None:
     x = torch.randn(6, 2, 3)
     x[2, 0, 1] = INF
@@ -163,11 +158,6 @@ def test_inf_first_value_of_a_channel() -> None:
     assert_same_nonfinite(ours.running_mean, ref.running_mean, "running_mean")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "function.py _global_stats: the shift is the previous call's mean; after a batch "
-    "with a huge finite outlier |mean - shift| / std is ~1e28 and the next variance is "
-    "pure cancellation (0 here). Fix: refine with a second allreduce when "
-    "(mean - shift)^2 > 1e8 var (see the report)"))
 def test_clean_batch_after_a_huge_finite_outlier() -> None:
     ours, ref = SyncBatchNorm(2), torch.nn.BatchNorm1d(2)
     x = torch.randn(64, 2)
@@ -266,10 +256,6 @@ def test_large_mean_over_std_across_ranks(layout: str) -> None:
                                    rtol=1e-3, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "function.py _global_stats: float64 input with |mean| / std = 1e9 on the first call "
-    "(shift 0) loses the whole variance to cancellation (var = 0); torch's two-pass BN "
-    "is exact. Same fix as test_clean_batch_after_a_huge_finite_outlier"))
 def test_float64_mean_over_std_1e9_first_call() -> None:
     x = 1e9 + torch.randn(64, 3, dtype=torch.float64)
     bn = SyncBatchNorm(3, momentum=1.0, dtype=torch.float64)
@@ -503,11 +489,6 @@ def test_debug_mode_costs_one_collective_and_changes_nothing() -> None:
         assert (f_plain, e_plain, f_dbg, e_dbg) == (1, 0, 2, 1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "debug mode: the check has no layer identity, so a rank that skips a layer and calls "
-    "another one with the same num_features pairs the two checks unnoticed; the "
-    "statistics mix silently and the job hangs at its last collective. Fix: a 'layer' "
-    "field in the check (see the report)"))
 def test_debug_mode_skip_between_layers_of_equal_width() -> None:
     def fn(rank: int, comm: Any) -> None:
         bn1 = SyncBatchNorm(4, process_group=comm, debug=True)
@@ -522,11 +503,6 @@ def test_debug_mode_skip_between_layers_of_equal_width() -> None:
     assert_same_debug_error(res, ["ranks [0, 2]", "on ranks [1]"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "debug mode checks before the forward collective only: a rank that skips the last "
-    "layer goes on to an earlier layer's backward allreduce (2C values) while the others "
-    "enter the check (5W values); MPI reports a truncation or mixes data, gloo aborts. "
-    "Fix: the same check before the backward collective (see the report)"))
 def test_debug_mode_skip_before_backward() -> None:
     def fn(rank: int, comm: Any) -> None:
         torch.manual_seed(rank)
