@@ -5,6 +5,7 @@ import os
 import weakref
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -97,7 +98,7 @@ class SyncBatchNorm(_BatchNorm):
         # Common shift of the statistics sums (see function.py); starts at
         # zero on every rank, then follows the global mean. Not a buffer: it
         # is derived state, kept out of state_dict for torch compatibility.
-        self._shift = torch.zeros(num_features, dtype=torch.float64)
+        self._shift = np.zeros(num_features)
         if debug is None:
             debug = os.environ.get("SYNCBN_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
         self.debug = debug
@@ -209,7 +210,7 @@ class SyncBatchNorm(_BatchNorm):
             # Batch statistics in eval (track_running_stats=False) stay local,
             # like torch.nn.SyncBatchNorm; a scratch shift keeps the shared one
             # identical across ranks.
-            comm, shift = _LOCAL, self._shift.clone()
+            comm, shift = _LOCAL, self._shift.copy()
         out = sync_batch_norm(
             input, self.weight, self.bias,
             self.running_mean if tracking else None,

@@ -271,7 +271,7 @@ def test_global_count_one_same_error_on_every_rank(shape_tail: tuple[int, ...]) 
 
     def fn(rank: int, comm: SimulatedCommunicator) -> dict[str, Any]:
         bn = SyncBatchNorm(3, process_group=comm)
-        before = [t.clone() for t in bn.buffers()] + [bn._shift.clone()]
+        before = [t.clone() for t in bn.buffers()] + [torch.from_numpy(bn._shift.copy())]
         xs = x if rank == 1 else x[:0]
         try:
             bn(xs.clone().requires_grad_())
@@ -279,7 +279,7 @@ def test_global_count_one_same_error_on_every_rank(shape_tail: tuple[int, ...]) 
             error: Optional[ValueError] = exc
         else:
             error = None
-        after = [t.clone() for t in bn.buffers()] + [bn._shift.clone()]
+        after = [t.clone() for t in bn.buffers()] + [torch.from_numpy(bn._shift.copy())]
         unchanged = all(torch.equal(a, b) for a, b in zip(before, after))
         calls = comm.calls
         # the layer keeps working afterwards
