@@ -52,8 +52,10 @@ SHAPES: tuple[Shape, ...] = (
     Shape("256x1024", (256, 1024)),
 )
 
-# Peers in every setting; 1 process adds syncbn and torch with 2 threads.
+# Peers in every setting; 1 process adds syncbn and torch with 2 threads,
+# torchrun adds syncbn over shared memory (process_group="shm").
 PEERS = ("torch", "fairscale", "syncbn")
+SHM_PEER = "syncbn_shm"
 
 
 def make_batch(shape: Shape, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +84,8 @@ def make_layer(peer: str, shape: Shape, comm: str) -> Optional[torch.nn.Module]:
         return torch.nn.BatchNorm2d(C) if len(shape.dims) == 4 else torch.nn.BatchNorm1d(C)
     if name == "syncbn":
         return syncbn.SyncBatchNorm(C, process_group=comm)
+    if name == SHM_PEER:
+        return syncbn.SyncBatchNorm(C, process_group="shm")
     if name == "fairscale":
         if len(shape.dims) != 4:
             return None  # a BatchNorm2d subclass: 4-D input only
@@ -285,13 +289,14 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
         dist.init_process_group("gloo")
         sync = TorchSync()
         comm = "torch"
+    peers = PEERS + ((SHM_PEER,) if args.setting == "torchrun" else ())
     say = (lambda s: print(f"[{args.setting} {sync.size}p] {s}", file=sys.stderr, flush=True)) \
         if sync.rank == 0 else (lambda s: None)
     say(f"started: world size {sync.size}, syncbn over {comm!r}, {args.rounds} rounds")
     budget = Budget(args.rounds, args.block_s, max(args.warmup, 1))
-    results = bench_steps(PEERS, comm, budget, sync, say)
+    results = bench_steps(peers, comm, budget, sync, say)
     if sync.rank == 0:
-        doc = {"status": "ok", "world_size": sync.size, "comm": comm, "steps": results,
+        doc = {"status": "ok", "world_size": sync.size, "comm": comm, "peers": list(peers), "steps": results,
                "wall_s": time.perf_counter() - wall}
         args.result.write_text(json.dumps(doc))
     sync.barrier()

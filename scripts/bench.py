@@ -6,7 +6,8 @@
 
 One command runs everything: the one-process part here, the two-process
 parts as subprocesses (``mpiexec -n 2 python -m mpi4py`` with syncbn over
-mpi4py, ``torchrun --nproc_per_node 2`` with syncbn over gloo), whose rank 0
+mpi4py, ``torchrun --nproc_per_node 2`` with syncbn over gloo and, as the
+peer "syncbn (shm)", over shared memory), whose rank 0
 returns its results through a JSON file. What is timed is one training
 step: forward, and backward of ``(y * g).sum()`` with ``g`` fixed, float32,
 one thread per process. Peers are interleaved in rounds (see
@@ -46,7 +47,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from _bench_worker import (PEERS, SHAPES, Budget, Shape, Sync, bench_steps, make_batch, make_layer,
+from _bench_worker import (PEERS, SHAPES, SHM_PEER, Budget, Shape, Sync, bench_steps, make_batch, make_layer,
                            time_round_robin, train_step)
 import syncbn  # importable now: _bench_worker puts the checkout on sys.path if needed
 from syncbn import _kernels
@@ -55,7 +56,7 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_bench_worker.py"
 SETTINGS = {"local": "1 proc", "mpirun": "2 proc mpirun", "torchrun": "2 proc torchrun"}
 SHORT_LABELS = {"local": "1 proc", "mpirun": "mpirun\n2 proc", "torchrun": "torchrun\n2 proc"}
-PEER_LABELS = {"torch": "torch BN", "fairscale": "fairscale", "syncbn": "syncbn"}
+PEER_LABELS = {"torch": "torch BN", "fairscale": "fairscale", "syncbn": "syncbn", SHM_PEER: "syncbn (shm)"}
 # extra peers of the one-process part: 2 threads, and the step without any layer
 LOCAL_PEERS = ("syncbn@2t", "torch@2t", "floor")
 # No binding: torchrun's workers are not bound either, and on a shared
@@ -373,10 +374,13 @@ def evaluate_targets(settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]
         gm = geomean(list(speedups(res["steps"], "torch").values()))
         return f"geomean {gm:.2f}x", gm >= 2.5
 
-    def torchrun(res: dict[str, Any]) -> tuple[str, bool]:
-        gf = geomean(list(speedups(res["steps"], "fairscale").values()))
-        gt = geomean(list(speedups(res["steps"], "torch").values()))
-        return f"vs fairscale geomean {gf:.2f}x, vs torch BN geomean {gt:.2f}x", gf >= 3.0 and gt >= 1.0
+    def torchrun(vs: str) -> Callable[[dict[str, Any]], tuple[str, bool]]:
+        def check(res: dict[str, Any]) -> tuple[str, bool]:
+            gf = geomean(list(speedups(res["steps"], "fairscale", vs).values()))
+            gt = geomean(list(speedups(res["steps"], "torch", vs).values()))
+            ok = gf >= 3.0 and gt >= 1.0  # NaN (peer not measured) fails
+            return f"{PEER_LABELS[vs]}: vs fairscale geomean {gf:.2f}x, vs torch BN geomean {gt:.2f}x", ok
+        return check
 
     def memory(res: dict[str, Any]) -> tuple[str, bool]:
         ratios = [m["syncbn"]["total"] / m["torch"]["total"] for m in res["memory"].values()
@@ -391,8 +395,10 @@ def evaluate_targets(settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]
 
     add("1 proc: syncbn >= 3x faster than torch BN (geomean), slower on no shape", "local", one_proc)
     add("2 proc mpirun: syncbn >= 2.5x faster than torch BN (geomean)", "mpirun", mpirun)
-    add("2 proc torchrun: syncbn >= 3x faster than fairscale and not slower than torch BN (geomeans)",
-        "torchrun", torchrun)
+    add("2 proc torchrun, syncbn over gloo ('torch'): >= 3x faster than fairscale and not slower than "
+        "torch BN (geomeans)", "torchrun", torchrun("syncbn"))
+    add("2 proc torchrun, syncbn over shared memory ('shm'): >= 3x faster than fairscale and not slower "
+        "than torch BN (geomeans)", "torchrun", torchrun(SHM_PEER))
     add("peak extra memory per step: syncbn <= torch BN on every shape", "local", memory)
     add("stats kernel within 1.5x of one torch.sum pass (geomean)", "local", stats)
     return targets
@@ -457,18 +463,21 @@ def render(doc: dict[str, Any]) -> str:
             if res.get("status") != "ok":
                 continue
             row = res["steps"][shape.key]
-            rt = speedups({shape.key: row}, "torch").get(shape.key)
-            rf = speedups({shape.key: row}, "fairscale").get(shape.key)
+            ratios = [speedups({shape.key: row}, peer, vs).get(shape.key)
+                      for vs in ("syncbn", SHM_PEER) for peer in ("torch", "fairscale")]
             rows.append([shape.key, label, _ms(row["torch"]), _ms(row["fairscale"]), _ms(row["syncbn"]),
-                         _x(rt), _x(rf)])
+                         _ms(row.get(SHM_PEER)), *map(_x, ratios)])
     for s, label in SETTINGS.items():
         res = settings[s]
         if res.get("status") == "ok":
-            rows.append(["geomean", label, "", "", "",
-                         _x(geomean(list(speedups(res["steps"], "torch").values()))),
-                         _x(geomean(list(speedups(res["steps"], "fairscale").values())))])
-    out += [_table(["shape", "setting", "torch BN ms", "fairscale ms", "syncbn ms",
-                    "syncbn vs torch BN", "syncbn vs fairscale"], rows), ""]
+            rows.append(["geomean", label, "", "", "", "",
+                         *(_x(geomean(list(speedups(res["steps"], peer, vs).values())))
+                           for vs in ("syncbn", SHM_PEER) for peer in ("torch", "fairscale"))])
+    out += ["syncbn runs over the setting's own collectives (1 proc: none, mpirun: mpi4py, torchrun: "
+            "gloo); syncbn (shm), under torchrun only, over shared memory (process_group='shm').", "",
+            _table(["shape", "setting", "torch BN ms", "fairscale ms", "syncbn ms", "syncbn (shm) ms",
+                    "syncbn vs torch BN", "syncbn vs fairscale", "shm vs torch BN", "shm vs fairscale"],
+                   rows), ""]
 
     local = settings["local"]
     if local.get("status") == "ok":
@@ -568,16 +577,17 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
     settings = [(s, label) for s, label in SETTINGS.items() if doc["settings"][s].get("status") == "ok"]
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-    width = 0.8 / len(PEERS)
+    peers = PEERS + (SHM_PEER,)
+    width = 0.8 / len(peers)
     for ax, shape in zip(axes.flat, SHAPES):
         times = []
-        for j, peer in enumerate(PEERS):
+        for j, peer in enumerate(peers):
             ys = []
             for s, _ in settings:
-                e = doc["settings"][s]["steps"][shape.key][peer]
+                e = doc["settings"][s]["steps"][shape.key].get(peer)
                 ys.append(e["median_s"] * 1e3 if e else 0.0)
             times += [y for y in ys if y > 0]
-            ax.bar([i + (j - (len(PEERS) - 1) / 2) * width for i in range(len(settings))], ys, width,
+            ax.bar([i + (j - (len(peers) - 1) / 2) * width for i in range(len(settings))], ys, width,
                    label=PEER_LABELS[peer], color=f"C{j}")
         ax.set_xticks(range(len(settings)), [SHORT_LABELS[s] for s, _ in settings], fontsize=8)
         ax.set_title(shape.key, fontsize=10)
