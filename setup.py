@@ -84,6 +84,7 @@ if _flag("SYNCBN_VEC_REPORT"):
     compile_args.append("-fopt-info-vec-optimized")
 
 checks = _flag("SYNCBN_CYTHON_CHECKS")
+macros.append(("SYNCBN_CYTHON_CHECKS", "1" if checks else "0"))
 directives = {
     "language_level": 3,
     "boundscheck": checks,

@@ -69,6 +69,14 @@ cdef extern from *:
     int syncbn_max_threads() noexcept nogil
     const int SYNCBN_OPENMP
 
+cdef extern from *:
+    """
+    #ifndef SYNCBN_CYTHON_CHECKS
+    #define SYNCBN_CYTHON_CHECKS 0
+    #endif
+    """
+    const int SYNCBN_CYTHON_CHECKS
+
 
 cdef enum:
     # Elements per thread below which another thread costs more than it saves.
@@ -87,6 +95,11 @@ cdef enum:
 def openmp_enabled() -> bool:
     """Whether the extension was compiled with OpenMP."""
     return SYNCBN_OPENMP == 1
+
+
+def cython_checks_enabled() -> bool:
+    """Whether the extension was built with Cython's bounds/wraparound checks."""
+    return SYNCBN_CYTHON_CHECKS == 1
 
 
 def max_threads() -> int:
