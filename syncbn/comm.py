@@ -51,13 +51,17 @@ class Communicator:
     def __init__(self) -> None:
         self.calls = 0
 
+    # backends set these in their constructors
+    _rank = 0
+    _size = 1
+
     @property
     def rank(self) -> int:
-        raise NotImplementedError
+        return self._rank
 
     @property
     def size(self) -> int:
-        raise NotImplementedError
+        return self._size
 
     def allreduce_(self, buf: torch.Tensor) -> torch.Tensor:
         """Sum ``buf`` (1-D contiguous float64 CPU tensor) over all ranks, in place."""
@@ -81,14 +85,6 @@ class LocalCommunicator(Communicator):
 
     name = "local"
 
-    @property
-    def rank(self) -> int:
-        return 0
-
-    @property
-    def size(self) -> int:
-        return 1
-
     def _allreduce(self, buf: torch.Tensor) -> None:
         pass
 
@@ -106,14 +102,6 @@ class MPICommunicator(Communicator):
         self._sum = MPI.SUM
         self._rank = self.comm.Get_rank()
         self._size = self.comm.Get_size()
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def size(self) -> int:
-        return self._size
 
     def _allreduce(self, buf: torch.Tensor) -> None:
         if self._size > 1:
@@ -138,14 +126,6 @@ class TorchCommunicator(Communicator):
         self.group = group
         self._rank = dist.get_rank(group)
         self._size = dist.get_world_size(group)
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def size(self) -> int:
-        return self._size
 
     def _allreduce(self, buf: torch.Tensor) -> None:
         if self._size > 1:
@@ -216,14 +196,6 @@ class SharedMemoryCommunicator(Communicator):
             (2, self._size, self.capacity), np.float64, shm.buf, offset=8 * self._size)
         self._seq = 0
         self._finalizer = weakref.finalize(self, _release_segment, shm, self._rank == 0)
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def size(self) -> int:
-        return self._size
 
     def close(self) -> None:
         """Detach (and on rank 0 unlink) the segment; the communicator is unusable after."""
