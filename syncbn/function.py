@@ -102,7 +102,8 @@ def _like_input(t: torch.Tensor, layout: _Layout, dtype: torch.dtype) -> np.ndar
 
 
 # torch dtypes that numpy can view directly (bfloat16 cannot)
-_NUMPY_VIEWABLE = (torch.float32, torch.float64, torch.float16)
+_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+_NUMPY_VIEWABLE = tuple(_NUMPY_DTYPE)
 
 
 def _vec(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
@@ -120,8 +121,6 @@ def _from_vec(v: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(v.astype(_NUMPY_DTYPE[dtype]))
     return torch.from_numpy(v).to(dtype)
 
-
-_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 
 
 def _lerp_(buf: torch.Tensor, target: np.ndarray, factor: float) -> None:

@@ -134,8 +134,11 @@ class SyncBatchNorm(_BatchNorm):
                 f"(got {input.dim()}D input of shape {list(input.shape)})")
 
     def _check_input(self, input: torch.Tensor) -> None:
-        # Raised before any collective, on whichever rank got the bad input.
-        # (Every rank usually gets the same kind of input, so all raise.)
+        # The rule for every error path: raise before any collective is
+        # entered, or after one on every rank alike. These depend on local
+        # input, so they come before the first allreduce; a rank that alone
+        # gets a bad input then leaves the others waiting in it unless debug
+        # mode (which compares the ranks first) or the launcher ends the job.
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(

@@ -9,6 +9,7 @@ Prints ``rank R case NAME ok ...`` or ``... FAIL <what>`` per case, then
 """
 from __future__ import annotations
 
+import os
 import sys
 import zlib
 
@@ -19,6 +20,12 @@ import syncbn
 from syncbn.comm import Communicator, SharedMemoryCommunicator, gather_values
 
 CAPACITY = 4096
+
+
+def _say(line: str) -> None:
+    # one write per line: ranks share the launcher's stdout, and print()'s
+    # separate writes of text and newline interleave between processes
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
 
 
 def values(k: int, n: int, rank: int) -> torch.Tensor:
@@ -97,7 +104,7 @@ def case_batchnorm(comm: Communicator) -> list[str]:
     if torch.allclose(out, plain.detach(), atol=1e-6):
         errors.append("negative control: unsynchronized BN gives the same output")
     # left open: rank 0 unlinks it at interpreter exit
-    print(f"rank {rank} segment {layer.communicator.segment_name}", flush=True)  # type: ignore[attr-defined]
+    _say(f"rank {rank} segment {layer.communicator.segment_name}")  # type: ignore[attr-defined]
     return errors
 
 
@@ -113,10 +120,10 @@ def main(kind: str) -> int:
                      ("batchnorm", lambda: case_batchnorm(base))):
         errors = fn()
         failed += bool(errors)
-        print(f"rank {comm.rank} case {name} " + ("FAIL " + "; ".join(errors) if errors else "ok"), flush=True)
-    print(f"rank {comm.rank} segment {comm.segment_name}", flush=True)
+        _say(f"rank {comm.rank} case {name} " + ("FAIL " + "; ".join(errors) if errors else "ok"))
+    _say(f"rank {comm.rank} segment {comm.segment_name}")
     del comm  # garbage collection unlinks (rank 0)
-    print(f"rank {base.rank} done failed={failed}", flush=True)
+    _say(f"rank {base.rank} done failed={failed}")
     if kind == "torch":
         dist.destroy_process_group()
     return int(failed > 0)
