@@ -231,7 +231,8 @@ def _update_running(
     else:
         factor = momentum
     n = stats.count
-    with torch.no_grad(), np.errstate(over="ignore"):
+    # (buffers never require grad: no torch.no_grad() needed on this hot path)
+    with np.errstate(over="ignore"):
         _lerp_(running_mean, stats.mean, factor)
         _lerp_(running_var, var * (n / (n - 1)), factor)
 
