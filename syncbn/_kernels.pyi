@@ -52,3 +52,26 @@ def backward_input(
 
     float64 arithmetic; out may be dy or x.
     """
+
+REFINE: float
+"""(mean - shift)**2 / var above which finish_stats asks for a second pass."""
+
+def finish_stats(
+    sums: Vec,
+    shift: Vec,
+    eps: float,
+    stats: npt.NDArray[np.float64],
+    refine: bool = True,
+    next_shift: Optional[Vec] = None,
+    running_mean: Optional[npt.NDArray[np.floating]] = None,
+    running_var: Optional[npt.NDArray[np.floating]] = None,
+    factor: float = 0.0,
+) -> bool:
+    """stats (3, C) = mean, invstd, biased variance from reduced local_stats sums.
+
+    Returns True (only stats[0], the better shift, written) when refine is set
+    and some channel has (mean - shift)**2 > REFINE * var: sum again around
+    stats[0] and call back with refine=False. Otherwise copies the finite
+    means to next_shift, updates the running statistics (float32 or float64,
+    torch's formula, unbiased variance) and returns False.
+    """

@@ -15,7 +15,7 @@ module before the forward allreduce; errors that depend on global values
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -31,37 +31,56 @@ __all__ = ["SyncBatchNormFunction", "sync_batch_norm"]
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-class _Layout(NamedTuple):
-    """How a tensor ``(N, C, *spatial)`` is laid out for the kernels."""
+class _Layout:
+    """How a tensor ``(N, C, *spatial)`` is laid out for the kernels.
 
-    rows: bool              # True: (M, C) rows (2-D, channels-last); False: (N, C, L)
-    shape: tuple[int, ...]  # the tensor's shape
+    ``rows``: (M, C) rows (2-D, channels-last), else (N, C, L) runs;
+    ``kshape``: the kernels' view of it. Made once per shape (see _layout):
+    this is on the per-call path, where every Python operation counts.
+    """
 
-    @property
-    def perm(self) -> tuple[int, ...]:
-        """Axis order that makes a rows-layout tensor C-contiguous (channels last)."""
-        return (0, *range(2, len(self.shape)), 1)
+    __slots__ = ("rows", "shape", "kshape", "perm", "inverse", "pshape")
+
+    def __init__(self, rows: bool, shape: tuple[int, ...]) -> None:
+        self.rows, self.shape = rows, tuple(shape)
+        C = shape[1]
+        if rows:
+            # axis order that makes a rows-layout tensor C-contiguous (channels last)
+            self.perm = (0, *range(2, len(shape)), 1)
+            self.inverse = tuple(self.perm.index(i) for i in range(len(shape)))
+            self.pshape = tuple(shape[p] for p in self.perm)
+            self.kshape: tuple[int, ...] = (math.prod(shape) // C if C else 0, C)
+        else:
+            self.kshape = (shape[0], C, math.prod(shape[2:]))
 
     def view(self, a: np.ndarray) -> Optional[np.ndarray]:
         """Zero-copy kernel view of ``a`` (numpy, logical shape), or None if none exists."""
-        C = self.shape[1]
         if self.rows:
             a = a.transpose(self.perm)
-            return a.reshape(-1, C) if a.flags.c_contiguous else None
-        if not a.flags.c_contiguous:
-            return None
-        return a.reshape(self.shape[0], C, math.prod(self.shape[2:]))
+        return a.reshape(self.kshape) if a.flags.c_contiguous else None
 
-    def empty(self, dtype: torch.dtype) -> tuple[np.ndarray, torch.Tensor]:
-        """A new tensor of logical shape in this layout, and its kernel view."""
-        C = self.shape[1]
+    def empty(self, dtype: np.dtype) -> tuple[np.ndarray, torch.Tensor]:
+        """A new tensor of logical shape in this layout (float32 or float64), and
+        its kernel view. (Made by numpy: a torch.empty of a shape costs a few
+        microseconds more.)"""
         if self.rows:
-            perm = self.perm
-            t = torch.empty([self.shape[p] for p in perm], dtype=dtype)
-            inverse = [perm.index(i) for i in range(len(perm))]
-            return t.numpy().reshape(-1, C), t.permute(inverse)
-        t = torch.empty(self.shape, dtype=dtype)
-        return t.numpy().reshape(self.shape[0], C, math.prod(self.shape[2:])), t
+            a = np.empty(self.pshape, dtype)
+            return a.reshape(self.kshape), torch.from_numpy(a.transpose(self.inverse))
+        a = np.empty(self.shape, dtype)
+        return a.reshape(self.kshape), torch.from_numpy(a)
+
+
+_LAYOUTS: dict[tuple[bool, tuple[int, ...]], _Layout] = {}
+
+
+def _layout(rows: bool, shape: tuple[int, ...]) -> _Layout:
+    key = (rows, shape)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        if len(_LAYOUTS) > 4096:  # a model fed ever new shapes: start over
+            _LAYOUTS.clear()
+        layout = _LAYOUTS[key] = _Layout(rows, shape)
+    return layout
 
 
 def _kernel_input(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, _Layout]:
@@ -72,30 +91,29 @@ def _kernel_input(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, _Layout]:
     """
     if x.dtype not in _KERNEL_DTYPES:
         x = x.float()  # keeps the memory format
-    a = x.detach().numpy()
-    shape = tuple(x.shape)
-    spatial = math.prod(shape[2:])
+    shape = x.shape
+    a = x.numpy(force=True)  # (a view: x is a CPU tensor)
     # (N, C, 1, 1) is contiguous both ways: rows keep the channel loop innermost
-    for layout in (_Layout(rows=x.dim() == 2 or spatial == 1, shape=shape),
-                   _Layout(rows=True, shape=shape)):
+    rows = len(shape) == 2 or a.size == shape[0] * shape[1]
+    for layout in (_layout(rows, shape), _layout(True, shape)):
         v = layout.view(a)
         if v is not None:
             return x, v, layout
     x = x.contiguous()
-    layout = _Layout(rows=False, shape=shape)
-    return x, layout.view(x.detach().numpy()), layout
+    layout = _layout(False, shape)
+    return x, x.numpy(force=True).reshape(layout.kshape), layout
 
 
 def _like_input(t: torch.Tensor, layout: _Layout, dtype: torch.dtype) -> np.ndarray:
     """``t`` (e.g. the output gradient) as a kernel view in ``layout``, copied if needed."""
     if t.dtype != dtype:
         t = t.to(dtype)
-    a = t.detach().numpy()
+    a = t.numpy(force=True)
     v = layout.view(a)
     if v is None:  # e.g. an expanded gradient: one contiguous copy in the right order
-        v, _ = layout.empty(t.dtype)
+        v, _ = layout.empty(a.dtype)
         if layout.rows:
-            v.reshape([layout.shape[p] for p in layout.perm])[...] = a.transpose(layout.perm)
+            v.reshape(layout.pshape)[...] = a.transpose(layout.perm)
         else:
             v.reshape(layout.shape)[...] = a
     return v
@@ -111,7 +129,7 @@ def _vec(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
     if t is None:
         return None
     if t.dtype in _NUMPY_VIEWABLE:
-        return t.detach().numpy().astype(np.float64)
+        return t.numpy(force=True).astype(np.float64)
     return t.detach().to(torch.float64).numpy()
 
 
@@ -123,43 +141,67 @@ def _from_vec(v: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 
-def _lerp_(buf: torch.Tensor, target: np.ndarray, factor: float) -> None:
-    """``buf = (1 - factor) * buf + factor * target`` in place (a running-statistics buffer).
+def _running_update(
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    num_batches_tracked: Optional[torch.Tensor],
+    momentum: Optional[float],
+) -> tuple[Optional[np.ndarray], Optional[np.ndarray], float]:
+    """What finish_stats needs to update the running statistics: the buffers
+    as numpy (None: no update) and this batch's factor.
 
-    torch's own formula: unlike ``lerp`` it keeps a +-Inf buffer +-Inf. Done
-    in numpy on the buffer's memory (a few microseconds less per call than
-    torch ops), then autograd's version counter is bumped as a torch op would.
+    With momentum None the factor makes a cumulative average
+    (1 / batches seen). float16/bfloat16 buffers get float64 copies, written
+    back by :func:`_running_done`.
     """
-    if buf.dtype in _NUMPY_VIEWABLE:
-        b = buf.numpy()
-        b *= 1.0 - factor
-        b += factor * target
-        increment_version(buf)
+    if running_mean is None or running_var is None:
+        return None, None, 0.0
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:
+        factor = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
     else:
-        buf.mul_(1.0 - factor).add_(_from_vec(target, buf.dtype), alpha=factor)
+        factor = momentum
+    return _buffer(running_mean), _buffer(running_var), factor
 
 
-class _Stats(NamedTuple):
-    count: float
-    mean: np.ndarray
-    invstd: np.ndarray
+def _buffer(t: torch.Tensor) -> np.ndarray:
+    # buffers never require grad; numpy sees float32/float64 ones in place
+    return t.numpy() if t.dtype in _KERNEL_DTYPES else t.to(torch.float64).numpy()
 
 
-def _global_stats(
+def _running_done(running_mean: torch.Tensor, running_var: torch.Tensor,
+                  rm: np.ndarray, rv: np.ndarray) -> None:
+    """After finish_stats wrote the running statistics through numpy."""
+    for t, a in ((running_mean, rm), (running_var, rv)):
+        if t.dtype in _KERNEL_DTYPES:
+            increment_version(t)  # what a torch in-place op would do
+        else:
+            t.copy_(torch.from_numpy(a))
+
+
+def _batch_stats(
     xv: np.ndarray,
     shift: np.ndarray,
     eps: float,
     comm: Communicator,
-) -> tuple[_Stats, np.ndarray]:
-    """Global count, mean and invstd, and the biased variance.
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    num_batches_tracked: Optional[torch.Tensor],
+    momentum: Optional[float],
+) -> tuple[float, Optional[np.ndarray]]:
+    """Global count and (3, C) mean, invstd, variance (None for a count of 0).
 
     One allreduce; a second one only when the shift was so far from this
-    batch's mean that the variance would lose its accuracy (see _REFINE).
+    batch's mean that the variance would lose its accuracy (finish_stats
+    decides from reduced values, so on every rank alike). Moves ``shift`` to
+    the global mean and updates the running statistics.
     """
     C = xv.shape[1]
+    nt = torch.get_num_threads()
     b = np.empty(2 * C + 1)
     buf = torch.from_numpy(b)
-    _kernels.local_stats(xv, shift, b, torch.get_num_threads())
+    _kernels.local_stats(xv, shift, b, nt)
     # Every rank joins, even with no samples: the others are waiting in this
     # same collective, and an empty shard contributes exact zeros.
     comm.allreduce_(buf)
@@ -169,72 +211,20 @@ def _global_stats(
             "Expected more than 1 value per channel when training, got a global "
             f"batch of 1 value per channel (local input of {xv.size} values)")
     if n == 0:
-        return _Stats(0.0, np.zeros(C), np.zeros(C)), np.zeros(C)
-    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf input: NaN/Inf stats
-        return _finish_stats(xv, shift, eps, comm, b, buf, n)
-
-
-def _finish_stats(
-    xv: np.ndarray,
-    shift: np.ndarray,
-    eps: float,
-    comm: Communicator,
-    b: np.ndarray,
-    buf: torch.Tensor,
-    n: float,
-) -> tuple[_Stats, np.ndarray]:
-    C = xv.shape[1]
-    s = shift
-    d = b[:C] / n                               # mean - shift
-    var = b[C:2 * C] / n - d * d
-    # The variance keeps about 16 - log10((mean - shift)^2 / var) digits.
-    # When the shift is too far from this batch's mean (a first call with a
-    # huge |mean| / std, or the batch after a huge outlier), sum again around
-    # the mean just found. The decision uses reduced values only, so every
-    # rank takes it alike.
-    far = np.isfinite(d) & (d * d > _REFINE * np.maximum(var, 0.0))
-    if far.any():
-        s = np.where(np.isfinite(d), s + d, s)
-        _kernels.local_stats(xv, s, b, torch.get_num_threads())
+        return 0.0, None
+    stats = np.empty((3, C))
+    rm, rv, factor = _running_update(running_mean, running_var, num_batches_tracked, momentum)
+    # The next call's common shift is this call's global mean: identical on
+    # every rank (it comes out of the allreduce) and close to the next
+    # batch's mean, which keeps the shifted sums free of cancellation.
+    if _kernels.finish_stats(b, shift, eps, stats, True, shift, rm, rv, factor):
+        around = stats[0].copy()
+        _kernels.local_stats(xv, around, b, nt)
         comm.allreduce_(buf)
-        d = b[:C] / n
-        var = b[C:2 * C] / n - d * d
-    var = np.maximum(var, 0.0)
-    mean = s + d
-    invstd = 1.0 / np.sqrt(var + eps)
-    return _Stats(n, mean, invstd), var
-
-
-# (mean - shift)^2 / var above which the statistics are summed again around
-# the mean. Below it the relative error of the variance is at most about
-# 1e-16 * 1e13 = 1e-3: |mean| / std up to 1e6 from a zero shift (the first
-# call) stays within 1e-4 in one allreduce.
-_REFINE = 1e13
-
-
-def _update_running(
-    running_mean: Optional[torch.Tensor],
-    running_var: Optional[torch.Tensor],
-    num_batches_tracked: Optional[torch.Tensor],
-    momentum: Optional[float],
-    stats: _Stats,
-    var: np.ndarray,
-) -> None:
-    """Exponential (or, with momentum None, cumulative) running statistics, in place."""
-    if running_mean is None or running_var is None:
-        return
-    if num_batches_tracked is not None:
-        num_batches_tracked.numpy()[...] += 1
-        increment_version(num_batches_tracked)
-    if momentum is None:
-        factor = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
-    else:
-        factor = momentum
-    n = stats.count
-    # (buffers never require grad: no torch.no_grad() needed on this hot path)
-    with np.errstate(over="ignore"):
-        _lerp_(running_mean, stats.mean, factor)
-        _lerp_(running_var, var * (n / (n - 1)), factor)
+        _kernels.finish_stats(b, around, eps, stats, False, shift, rm, rv, factor)
+    if rm is not None:
+        _running_done(running_mean, running_var, rm, rv)
+    return n, stats
 
 
 def _forward(
@@ -248,24 +238,20 @@ def _forward(
     eps: float,
     momentum: Optional[float],
     comm: Communicator,
-) -> tuple[torch.Tensor, torch.Tensor, _Layout, _Stats]:
-    """Shared forward: returns output, the kernel-dtype input, its layout and the stats."""
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, _Layout, float, Optional[np.ndarray]]:
+    """Shared forward: output, the kernel-dtype input and its kernel view, the
+    layout, the global count and the statistics."""
     xk, xv, layout = _kernel_input(x)
-    stats, var = _global_stats(xv, shift, eps, comm)
-    if stats.count == 0:
-        return torch.empty_like(x), xk, layout, stats
-    _update_running(running_mean, running_var, num_batches_tracked, momentum, stats, var)
-    # The next call's common shift is this call's global mean: identical on
-    # every rank (it comes out of the allreduce) and close to the next batch's
-    # mean, which keeps the shifted sums free of cancellation.
-    # (A non-finite mean, from NaN/Inf input, must not poison later calls.)
-    np.copyto(shift, stats.mean, where=np.isfinite(stats.mean))
-    yv, y = layout.empty(xk.dtype)
-    _kernels.normalize(xv, stats.mean, stats.invstd, _vec(weight), _vec(bias), yv,
+    n, stats = _batch_stats(xv, shift, eps, comm, running_mean, running_var,
+                            num_batches_tracked, momentum)
+    if stats is None:
+        return torch.empty_like(x), xk, xv, layout, n, stats
+    yv, y = layout.empty(xv.dtype)
+    _kernels.normalize(xv, stats[0], stats[1], _vec(weight), _vec(bias), yv,
                        torch.get_num_threads())
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    return y, xk, layout, stats
+    return y, xk, xv, layout, n, stats
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -285,47 +271,50 @@ class SyncBatchNormFunction(torch.autograd.Function):
         momentum: Optional[float],
         comm: Communicator,
     ) -> torch.Tensor:
-        y, xk, layout, stats = _forward(x, weight, bias, running_mean, running_var,
-                                        num_batches_tracked, shift, eps, momentum, comm)
+        y, xk, xv, layout, n, stats = _forward(x, weight, bias, running_mean, running_var,
+                                               num_batches_tracked, shift, eps, momentum, comm)
         # Saved: the tensor the kernels read (the input itself, unless it
         # needed a copy); a float16/bfloat16 input is saved as it came and
         # widened again in backward, so it costs no more memory than torch's.
-        ctx.save_for_backward(xk if xk.dtype == x.dtype else x, weight)
+        same = xk.dtype == x.dtype
+        ctx.save_for_backward(xk if same else x, weight)
+        ctx.xv = xv if same else None   # its kernel view, which backward reuses
         ctx.input_dtype, ctx.kernel_dtype = x.dtype, xk.dtype
-        ctx.layout, ctx.stats, ctx.comm = layout, stats, comm
+        ctx.layout, ctx.count, ctx.stats, ctx.comm = layout, n, stats, comm
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     @once_differentiable  # the backward is numpy + kernels: no graph to differentiate again
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        x, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors  # (also autograd's check that x was not modified)
         layout: _Layout = ctx.layout
-        stats: _Stats = ctx.stats
+        stats: Optional[np.ndarray] = ctx.stats
         comm: Communicator = ctx.comm
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         C = x.shape[1]
-        if stats.count == 0:
+        if stats is None:
             # every rank saw a global count of 0 and skips the collective alike
             return (torch.zeros_like(grad_out, dtype=ctx.input_dtype) if need_x else None,
                     torch.zeros(C, dtype=weight.dtype) if need_w else None,
                     torch.zeros(C, dtype=ctx.bias_dtype) if need_b else None,
                     *([None] * 7))
-        xv = _like_input(x, layout, ctx.kernel_dtype)
+        xv = ctx.xv if ctx.xv is not None else _like_input(x, layout, ctx.kernel_dtype)
         dyv = _like_input(grad_out, layout, ctx.kernel_dtype)
         b = np.empty(2 * C)
         buf = torch.from_numpy(b)
         nt = torch.get_num_threads()
-        _kernels.backward_reduce(dyv, xv, stats.mean, b, nt)
+        _kernels.backward_reduce(dyv, xv, stats[0], b, nt)
         # parameter gradients are local sums, taken before the buffer is reduced
-        grad_w = _from_vec(b[C:] * stats.invstd, weight.dtype) if need_w else None
+        grad_w = _from_vec(b[C:] * stats[1], weight.dtype) if need_w else None
         grad_b = _from_vec(b[:C], ctx.bias_dtype) if need_b else None
         grad_x = None
         if need_x:
             comm.allreduce_(buf)
-            dxv, grad_x = layout.empty(ctx.kernel_dtype)
-            _kernels.backward_input(dyv, xv, stats.mean, stats.invstd, _vec(weight),
-                                    b[:C] / stats.count, b[C:] / stats.count, dxv, nt)
+            b /= ctx.count   # the global means of dy and of dy * (x - mean)
+            dxv, grad_x = layout.empty(xv.dtype)
+            _kernels.backward_input(dyv, xv, stats[0], stats[1], _vec(weight),
+                                    b[:C], b[C:], dxv, nt)
             if grad_x.dtype != ctx.input_dtype:
                 grad_x = grad_x.to(ctx.input_dtype)
         return (grad_x, grad_w, grad_b, *([None] * 7))

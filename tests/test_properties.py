@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from simulated import SimulatedCommunicator, run_ranks
 from syncbn import SyncBatchNorm
+from syncbn._kernels import REFINE
 
 # Reproducible in CI: the same examples on every run, no example database.
 PROPERTY_SETTINGS = settings(
@@ -218,9 +219,20 @@ def run_case(case: Case) -> None:
     rm = torch.zeros(C, dtype=torch.float64)
     rv = torch.ones(C, dtype=torch.float64)
     tracked = 0
+    shift = torch.zeros(C, dtype=torch.float64)   # the layer's common shift, as it moves
     for t, ((x, dy), s) in enumerate(zip(batches, case.steps)):
         recs = [res["records"][t] for res in results]
         count = x.numel() // C if C else 0
+        # one forward allreduce, two when the batch mean is so far from the
+        # shift that the sums are taken again around it (see finish_stats);
+        # near the threshold the test cannot tell which
+        fwd = 1
+        if count >= 2:
+            dims = [0, *range(2, x.dim())]
+            far = float(((x.double().mean(dims) - shift) ** 2
+                         / x.double().var(dims, unbiased=False)).max())
+            fwd = 1 if far < REFINE / 4 else (2 if far > REFINE * 4 else None)
+            shift = x.double().mean(dims)
         if count == 1:
             for rank, rec in enumerate(recs):
                 assert isinstance(rec.get("error"), ValueError), (t, rank, rec)
@@ -229,7 +241,8 @@ def run_case(case: Case) -> None:
         else:
             for rank, rec in enumerate(recs):
                 assert "error" not in rec, (t, rank, rec.get("error"))
-                assert rec["fwd_calls"] == 1 + case.debug, (t, rank)
+                if fwd is not None:
+                    assert rec["fwd_calls"] == fwd + case.debug, (t, rank, fwd)
                 assert rec["y_dtype"] == case.dtype and rec["y_format_ok"], (t, rank)
         if count == 0:
             for rec in recs:

@@ -1,0 +1,85 @@
+"""syncbn._kernels.finish_stats: from reduced sums to the statistics, against numpy."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from syncbn import _kernels
+from syncbn._kernels import REFINE
+
+
+def sums_of(x: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """[sum(x - shift), sum((x - shift)^2), count] of (count, C) float64 data."""
+    d = x - shift
+    return np.concatenate([d.sum(0), (d * d).sum(0), [float(x.shape[0])]])
+
+
+@pytest.mark.parametrize("buf_dtype", [np.float32, np.float64])
+def test_statistics_and_running_update(buf_dtype: type) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(50, 5))
+    shift = np.linspace(2.0, 4.0, 5)
+    stats = np.empty((3, 5))
+    nxt = np.full(5, -1.0)
+    rm = np.linspace(0, 1, 5).astype(buf_dtype)
+    rv = np.linspace(1, 2, 5).astype(buf_dtype)
+    rm0, rv0 = rm.astype(np.float64), rv.astype(np.float64)
+    assert not _kernels.finish_stats(sums_of(x, shift), shift, 1e-5, stats, True, nxt,
+                                     rm, rv, 0.25)
+    mean, var = x.mean(0), x.var(0)
+    np.testing.assert_allclose(stats[0], mean, rtol=1e-13)
+    np.testing.assert_allclose(stats[2], var, rtol=1e-12)
+    np.testing.assert_allclose(stats[1], 1 / np.sqrt(var + 1e-5), rtol=1e-12)
+    np.testing.assert_array_equal(nxt, stats[0])
+    tol = 1e-6 if buf_dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(rm, 0.75 * rm0 + 0.25 * mean, rtol=tol)
+    np.testing.assert_allclose(rv, 0.75 * rv0 + 0.25 * x.var(0, ddof=1), rtol=tol)
+    # negative control: the biased variance in the running buffer would be caught
+    assert not np.allclose(0.75 * rv0 + 0.25 * var, rv, rtol=tol)
+
+
+def test_far_shift_asks_for_a_second_pass() -> None:
+    x = np.random.default_rng(1).normal(0.0, 1.0, size=(20, 3))
+    x[:, 1] += 1e4                      # (mean - 0)^2 / var ~ 1e8 > REFINE
+    shift = np.zeros(3)
+    stats = np.full((3, 3), 7.0)
+    nxt = np.zeros(3)
+    rm = np.zeros(3)
+    assert _kernels.finish_stats(sums_of(x, shift), shift, 1e-5, stats, True, nxt, rm, None)
+    np.testing.assert_allclose(stats[0], x.mean(0), rtol=1e-12)   # the better shift
+    assert (nxt == 0).all() and (rm == 0).all()                   # nothing else moved
+    around = stats[0].copy()
+    assert not _kernels.finish_stats(sums_of(x, around), around, 1e-5, stats, False, nxt)
+    np.testing.assert_allclose(stats[2], x.var(0), rtol=1e-12)
+    # just below the threshold a shifted sum is accepted as it is
+    y = x[:, [0]] - x[:, [0]].mean()
+    y = y + np.sqrt(REFINE / 2 * y.var())
+    s = np.zeros(1)
+    assert not _kernels.finish_stats(sums_of(y, s), s, 0.0, np.empty((3, 1)), True)
+
+
+def test_non_finite_sums() -> None:
+    shift = np.array([1.0, 2.0])
+    sums = np.array([np.nan, np.inf, np.nan, np.inf, 4.0])
+    stats = np.empty((3, 2))
+    nxt = shift.copy()
+    assert not _kernels.finish_stats(sums, shift, 1e-5, stats, True, nxt)
+    assert np.isnan(stats[0, 0]) and np.isnan(stats[2, 0])
+    np.testing.assert_array_equal(nxt, shift)   # a non-finite mean never becomes the shift
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda st: _kernels.finish_stats(np.zeros(7), np.zeros(3), 1e-5, st[:, :3].copy(), True),
+     ValueError, "expected a count of at least 1 (got 0.0)"),
+    (lambda st: _kernels.finish_stats(np.zeros(5), np.zeros(3), 1e-5, st[:, :3].copy()),
+     ValueError, "sums: expected length 7 (got 5)"),
+    (lambda st: _kernels.finish_stats(np.ones(7), np.zeros(3), 1e-5, st[:2].copy()),
+     TypeError, "stats: expected a (3, C) float64 numpy.ndarray"),
+    (lambda st: _kernels.finish_stats(np.ones(7), np.zeros(3), 1e-5, st[:, :3].copy(), True,
+                                      None, np.zeros(3, np.int64)),
+     TypeError, "running_mean: expected a 1-D float32 or float64 numpy.ndarray of length 3"),
+])
+def test_errors_say_what_was_expected(call, error, message) -> None:
+    with pytest.raises(error) as info:
+        call(np.zeros((3, 4)))
+    assert message in str(info.value)
