@@ -198,28 +198,29 @@ class SyncBatchNorm(_BatchNorm):
             # raises on every rank instead of leaving the others waiting
             self._check_agreement(input)
         self._check_input(input)
-        # Same decisions as torch.nn.modules.batchnorm._BatchNorm.forward.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        if not bn_training:
-            return F.batch_norm(input, self.running_mean, self.running_var, self.weight,
-                                self.bias, False, 0.0, self.eps)
-        tracking = self.training and self.track_running_stats
-        if self.training:
-            comm, shift = self.communicator, self._shift
-            if self.debug:
-                comm = _CheckedBackward(self, comm, input.shape[1],
-                                        _DTYPE_CODES.get(input.dtype, -1), self._calls)
-        else:
+        # Same decisions as torch.nn.modules.batchnorm._BatchNorm.forward
+        # (each buffer looked up once: module attribute lookups cost on this path).
+        running_mean, running_var = self.running_mean, self.running_var
+        if not self.training:
+            if running_mean is not None or running_var is not None:
+                return F.batch_norm(input, running_mean, running_var, self.weight,
+                                    self.bias, False, 0.0, self.eps)
             # Batch statistics in eval (track_running_stats=False) stay local,
             # like torch.nn.SyncBatchNorm; a scratch shift keeps the shared one
             # identical across ranks.
-            comm, shift = _LOCAL, self._shift.copy()
+            return sync_batch_norm(input, self.weight, self.bias, None, None, None,
+                                   self._shift.copy(), self.eps, self.momentum, _LOCAL)
+        comm = self._comm if self._comm is not None else self.communicator
+        if self.debug:
+            comm = _CheckedBackward(self, comm, input.shape[1],
+                                    _DTYPE_CODES.get(input.dtype, -1), self._calls)
+        tracking = self.track_running_stats
         out = sync_batch_norm(
             input, self.weight, self.bias,
-            self.running_mean if tracking else None,
-            self.running_var if tracking else None,
+            running_mean if tracking else None,
+            running_var if tracking else None,
             self.num_batches_tracked if tracking else None,
-            shift, self.eps, self.momentum, comm)
+            self._shift, self.eps, self.momentum, comm)
         if isinstance(comm, _CheckedBackward):
             comm.forward_done = True
         return out
