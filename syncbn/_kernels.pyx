@@ -347,19 +347,21 @@ cdef inline void _affine_run(
     Py_ssize_t r,               # IN  run
     Py_ssize_t start,           # IN
     Py_ssize_t stop,            # IN
-    double a,                   # IN  coefficient of x
-    double b,                   # IN  coefficient of z
-    double k,                   # IN  constant
-    bint two,                   # IN  out = x * a + (z * b + k), else x * a + k
+    floating m,                 # IN  centre
+    floating a,                 # IN  coefficient
+    floating b,                 # IN  coefficient of z - m (two)
+    floating k,                 # IN  constant
+    bint two,                   # IN  out = x * a + ((z - m) * b + k), else (x - m) * a + k
 ) noexcept nogil:
-    # each value is loaded before its own result is stored, so out may be x or z
+    # each value is loaded before its own result is stored, so out may be x or z;
+    # the arithmetic is in the dtype of x (see _affine_coefs for why that is accurate)
     cdef Py_ssize_t i
     if two:
         for i in range(start, stop):
-            out[r, i] = <floating>(<double>x[r, i] * a + (<double>z[r, i] * b + k))
+            out[r, i] = x[r, i] * a + ((z[r, i] - m) * b + k)
     else:
         for i in range(start, stop):
-            out[r, i] = <floating>(<double>x[r, i] * a + k)
+            out[r, i] = (x[r, i] - m) * a + k
 
 
 cdef void _affine_rows(
@@ -368,18 +370,18 @@ cdef void _affine_rows(
     floating[:, ::1] out,       # OUT like x (may be x or z)
     Py_ssize_t m0,              # IN  first row
     Py_ssize_t m1,              # IN  end row
-    const double[:, ::1] coef,  # IN  (3, C) coefficient of x, of z, constant
+    const floating[:, ::1] coef,  # IN  (4, C) m, a, b, k as in _affine_run
     bint two,                   # IN  as in _affine_run
 ) noexcept nogil:
     cdef Py_ssize_t C = x.shape[1], m, c
     for m in range(m0, m1):
         if two:
             for c in range(C):
-                out[m, c] = <floating>(<double>x[m, c] * coef[0, c]
-                                       + (<double>z[m, c] * coef[1, c] + coef[2, c]))
+                out[m, c] = x[m, c] * coef[1, c] + ((z[m, c] - coef[0, c]) * coef[2, c]
+                                                    + coef[3, c])
         else:
             for c in range(C):
-                out[m, c] = <floating>(<double>x[m, c] * coef[0, c] + coef[2, c])
+                out[m, c] = (x[m, c] - coef[0, c]) * coef[1, c] + coef[3, c]
 
 
 # ---------------------------------------------------------------------------
@@ -461,11 +463,40 @@ cdef object _partials(const Split* sp):
 
 
 cdef object _coefs(Py_ssize_t C):
-    """Uninitialized (3, C) float64 coefficients of an affine pass."""
+    """Uninitialized (4, C) float64 coefficients of an affine pass (see _affine_run)."""
     cdef cnp.npy_intp dims[2]
-    dims[0] = 3
+    dims[0] = 4
     dims[1] = C
     return cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+
+
+cdef object _float_coefs(const double[:, ::1] exact, bint two):
+    """The coefficients of an affine pass on float32 data.
+
+    ``exact`` holds m = the mean, a, b and k in float64. The pass computes
+    ``(x - m) * a + k`` (or ``dy * a + ((x - m) * b + k)``) in the dtype of the
+    data: for float32 that keeps the loop in 8-wide float arithmetic, with no
+    conversions. A large |mean| costs no accuracy: m is rounded to m' = float32(m)
+    first and k moved to k' = k + (m' - m) * (coefficient of x - m) in float64,
+    so only x - m' is rounded in the loop: exact when x is within a factor 2 of
+    m' (Sterbenz), otherwise by 2^-24 relative to |x - m'|. The output is
+    within a few float32 ulps of max(|out|, |k'|, |(x - m') * coefficient|).
+    For float64, m' = m and nothing changes.
+    """
+    cdef Py_ssize_t C = exact.shape[1], c
+    cdef double m
+    cdef cnp.npy_intp dims[2]
+    dims[0] = 4
+    dims[1] = C
+    coef = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT32, 0)
+    cdef float[:, ::1] cf = coef
+    for c in range(C):
+        m = <double><float>exact[0, c]
+        cf[0, c] = <float>m
+        cf[1, c] = <float>exact[1, c]
+        cf[2, c] = <float>exact[2, c]
+        cf[3, c] = <float>(exact[3, c] + (m - exact[0, c]) * exact[2 if two else 1, c])
+    return coef
 
 
 # ---------------------------------------------------------------------------
@@ -664,8 +695,8 @@ def backward_reduce(
 
 # ---------------------------------------------------------------------------
 # 2 and 4. per-channel affine passes
-#    forward:  y  = x * a + k
-#    backward: dx = dy * a + (x * b + k)
+#    forward:  y  = (x - m) * a + k
+#    backward: dx = dy * a + ((x - m) * b + k)
 # ---------------------------------------------------------------------------
 
 @cython.cdivision(True)
@@ -674,7 +705,7 @@ cdef void _affine_share(
     const floating[:, ::1] z,   # IN  like x (read only when two)
     floating[:, ::1] out,       # OUT like x
     const Split* sp,            # IN
-    const double[:, ::1] coef,  # IN  (3, C) coefficient of x, of z, constant
+    const floating[:, ::1] coef,  # IN  (4, C) m, a, b, k (see _affine_run)
     bint two,                   # IN  the backward form
     Py_ssize_t t,               # IN  share
 ) noexcept nogil:
@@ -692,7 +723,7 @@ cdef void _affine_share(
         off = s * P
         if off < L:
             _affine_run(x, z, out, r, off, min(off + P, L), coef[0, c], coef[1, c],
-                        coef[2, c], two)
+                        coef[2, c], coef[3, c], two)
         k += 1
         s += 1
         if s == S:
@@ -708,7 +739,7 @@ cdef void _affine(
     const floating[:, ::1] z,   # IN  like x (read only when two)
     floating[:, ::1] out,       # OUT like x
     const Split* sp,            # IN
-    const double[:, ::1] coef,  # IN  (3, C)
+    const floating[:, ::1] coef,  # IN  (4, C)
     bint two,                   # IN  the backward form
 ) noexcept nogil:
     cdef Py_ssize_t t
@@ -719,27 +750,31 @@ cdef void _affine(
         _affine_share(x, z, out, sp, coef, two, t)
 
 
-cdef int _affine_pass(cnp.ndarray x, object z, cnp.ndarray out, const double[:, ::1] coef,
+cdef int _affine_pass(cnp.ndarray x, object z, cnp.ndarray out, const double[:, ::1] exact,
                       int num_threads) except -1:
-    """Thread split and dtype dispatch of an affine pass (z None: the forward form)."""
+    """Thread split and dtype dispatch of an affine pass (z None: the forward form);
+    exact: the float64 coefficients (see _float_coefs)."""
     cdef Split sp = _split(x, num_threads, 1)
     cdef bint two = z is not None
-    cdef const float[:, ::1] xf, zf
+    cdef bint single = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
+    cdef const float[:, ::1] xf, zf, cf
     cdef float[:, ::1] of
-    cdef const double[:, ::1] xd, zd
+    cdef const double[:, ::1] xd, zd, cd
     cdef double[:, ::1] od
-    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+    if single:
+        cf = _float_coefs(exact, two)
         xf = _rows(x)
         zf = _rows(z) if two else xf
         of = _rows(out)
         with nogil:
-            _affine(xf, zf, of, &sp, coef, two)
+            _affine(xf, zf, of, &sp, cf, two)
     else:
+        cd = exact
         xd = _rows(x)
         zd = _rows(z) if two else xd
         od = _rows(out)
         with nogil:
-            _affine(xd, zd, od, &sp, coef, two)
+            _affine(xd, zd, od, &sp, cd, two)
     return 0
 
 
@@ -754,9 +789,10 @@ def normalize(
 ):
     """``out = (x - mean) * invstd * weight + bias``, one pass.
 
-    Weight, bias, mean and invstd are folded into one float64 scale and
-    offset per channel; the arithmetic is float64, so a large ``|mean|``
-    costs no accuracy, and the result is rounded once to the dtype of x.
+    Weight and invstd are folded into one scale per channel, computed
+    ``(x - mean) * scale + bias`` in the dtype of x, centred so that a large
+    ``|mean|`` costs no accuracy (see _float_coefs): float32 output is within
+    a few ulps of max(|out|, |bias|, |(x - mean) * scale|).
     """
     cdef Py_ssize_t C = _check_data("x", x)
     _check_same("out", out, "x", <cnp.ndarray>x, True)
@@ -770,9 +806,10 @@ def normalize(
         return
     coef = _coefs(C)
     for c in range(C):
-        coef[0, c] = inv[c] * w[c] if w != NULL else inv[c]
-        coef[1, c] = 0.0
-        coef[2, c] = -mu[c] * coef[0, c] + (b[c] if b != NULL else 0.0)
+        coef[0, c] = mu[c]
+        coef[1, c] = inv[c] * w[c] if w != NULL else inv[c]
+        coef[2, c] = 0.0
+        coef[3, c] = b[c] if b != NULL else 0.0
     _affine_pass(<cnp.ndarray>x, None, <cnp.ndarray>out, coef, num_threads)
 
 
@@ -789,7 +826,8 @@ def backward_input(
 ):
     """``out = (dy - mean_dy - (x - mean) * invstd**2 * mean_dy_xmu) * invstd * weight``.
 
-    Folded into ``dy * a + x * b + k`` per channel, float64 arithmetic, one pass.
+    Folded into ``dy * a + ((x - mean) * b + k)`` per channel, one pass in the
+    dtype of the data, centred as in normalize (see _float_coefs).
     """
     cdef Py_ssize_t C = _check_data("dy", dy)
     _check_same("x", x, "dy", <cnp.ndarray>dy)
@@ -807,9 +845,10 @@ def backward_input(
     coef = _coefs(C)
     for c in range(C):
         a = inv[c] * w[c] if w != NULL else inv[c]
-        coef[0, c] = a
-        coef[1, c] = -a * inv[c] * inv[c] * mdx[c]
-        coef[2, c] = -a * mdy[c] - coef[1, c] * mu[c]
+        coef[0, c] = mu[c]
+        coef[1, c] = a
+        coef[2, c] = -a * inv[c] * inv[c] * mdx[c]
+        coef[3, c] = -a * mdy[c]
     _affine_pass(<cnp.ndarray>dy, <cnp.ndarray>x, <cnp.ndarray>out, coef, num_threads)
 
 

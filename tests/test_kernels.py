@@ -342,6 +342,51 @@ def test_count_above_2_pow_24() -> None:
 
 
 @pytest.mark.parametrize("layout", ["channels_first", "2d"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_affine_passes_when_mean_dwarfs_std(dtype: type, layout: str) -> None:
+    """normalize and backward_input with |mean| / std = 1e6, against float64.
+
+    The passes compute in the dtype of the data around m' = mean rounded to
+    it, with the constant moved by (m' - mean) * coefficient in float64. Each
+    of their few roundings (x - m' when x is not within a factor 2 of m', the
+    rounded coefficients, each product and sum) is at most one unit of
+    eps = 2^-24 (float32; 2^-53 float64) relative to one of the terms, so the
+    error is below 8 eps times the sum of the terms' magnitudes. A folded
+    ``x * a + (bias - mean * a)`` would lose about 1e6 * eps |a| instead.
+    """
+    eps = 2.0 ** -24 if dtype == np.float32 else 2.0 ** -53
+    rng = np.random.default_rng(41)
+    C, n = 3, 5001
+    loc = np.array([1e6, -3e6, 2.5e5])
+    v = loc[:, None] + rng.standard_normal((C, n)) * loc[:, None] * 1e-6
+    x = v[None].astype(dtype) if layout == "channels_first" else np.ascontiguousarray(v.T, dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    xc, g = channels_last(x), channels_last(dy)
+    mean = xc.mean(0)
+    invstd = 1.0 / xc.std(0)
+    weight, bias = np.array([0.5, -2.0, 1.5]), np.array([0.25, 3.0, -1.0])
+    m32 = mean.astype(dtype).astype(np.float64)   # the rounded centre m'
+    a = invstd * weight
+
+    out = np.empty_like(x)
+    K.normalize(x, mean, invstd, weight, bias, out, 1)
+    ref = (xc - mean) * a + bias
+    terms = np.abs((xc - m32) * a) + np.abs(bias + (m32 - mean) * a) + np.abs(ref)
+    err = np.abs(channels_last(out) - ref)
+    assert np.all(err <= 8 * eps * terms), f"normalize: max error / bound {np.max(err / terms) / eps} eps"
+
+    mean_dy, mean_dy_xmu = g.mean(0), (g * (xc - mean)).mean(0)
+    K.backward_input(dy, x, mean, invstd, weight, mean_dy, mean_dy_xmu, out, 1)
+    b = -a * invstd ** 2 * mean_dy_xmu
+    ref = g * a + (xc - mean) * b - a * mean_dy
+    terms = (np.abs(g * a) + np.abs((xc - m32) * b) + np.abs(b * (m32 - mean) - a * mean_dy)
+             + np.abs(ref))
+    err = np.abs(channels_last(out) - ref)
+    assert np.all(err <= 8 * eps * terms), \
+        f"backward_input: max error / bound {np.max(err / terms) / eps} eps"
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "2d"])
 def test_non_finite_values(layout: str) -> None:
     """inf and NaN reach the sums as float64 arithmetic says, even as a channel's
     first value, the kernel's pivot (which would make every x - pivot NaN)."""
