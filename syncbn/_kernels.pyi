@@ -3,7 +3,8 @@
 Data arrays are C-contiguous, aligned float32 or float64 numpy arrays in
 native byte order, of shape (N, C, L) (channels-first) or (M, C) (rows: 2-D
 and channels-last input). Per-channel vectors are 1-D float64 arrays of
-length C. ``num_threads=0`` means OpenMP's default; the count is capped by the
+length C (weight, bias and running statistics: float32 or float64).
+``num_threads=0`` means OpenMP's default; the count is capped by the
 amount of work. Arguments are checked before anything is written: TypeError
 for a wrong type or dtype, ValueError for a wrong shape, length, layout or a
 read-only output, each saying "expected X (got Y)".
@@ -15,6 +16,7 @@ import numpy.typing as npt
 
 Data = npt.NDArray[np.floating]
 Vec = npt.NDArray[np.float64]
+Param = npt.NDArray[np.floating]  # float32 or float64
 
 def openmp_enabled() -> bool: ...
 def max_threads() -> int: ...
@@ -29,8 +31,8 @@ def normalize(
     x: Data,
     mean: Vec,
     invstd: Vec,
-    weight: Optional[Vec],
-    bias: Optional[Vec],
+    weight: Optional[Param],
+    bias: Optional[Param],
     out: Data,
     num_threads: int = 0,
 ) -> None:
@@ -42,7 +44,7 @@ def backward_input(
     x: Data,
     mean: Vec,
     invstd: Vec,
-    weight: Optional[Vec],
+    weight: Optional[Param],
     mean_dy: Vec,
     mean_dy_xmu: Vec,
     out: Data,

@@ -191,6 +191,40 @@ cdef object _vec(str name, object v, Py_ssize_t n, bint allow_none=False,
     return v
 
 
+cdef struct FVec:
+    # a per-channel float32 or float64 vector (data NULL for None)
+    char* data
+    bint single
+
+
+cdef FVec _fvec(str name, object v, Py_ssize_t n, bint writeable=False) except *:
+    """Check a 1-D float32 or float64 vector of length n, or None (parameters,
+    running statistics: taken in their own dtype, no float64 copy needed)."""
+    cdef FVec f
+    f.data = NULL
+    f.single = False
+    if v is None:
+        return f
+    if (not isinstance(v, np.ndarray) or cnp.PyArray_NDIM(<cnp.ndarray>v) != 1
+            or cnp.PyArray_ISBYTESWAPPED(<cnp.ndarray>v)
+            or cnp.PyArray_TYPE(<cnp.ndarray>v) not in (cnp.NPY_FLOAT32, cnp.NPY_FLOAT64)):
+        raise TypeError(f"{name}: expected a 1-D float32 or float64 numpy.ndarray of "
+                        f"length {n} (got {_describe(v)})")
+    if cnp.PyArray_DIM(<cnp.ndarray>v, 0) != n:
+        raise ValueError(f"{name}: expected length {n} (got {v.shape[0]})")
+    _check_layout(name, <cnp.ndarray>v, writeable)
+    f.data = <char*>cnp.PyArray_DATA(<cnp.ndarray>v)
+    f.single = cnp.PyArray_TYPE(<cnp.ndarray>v) == cnp.NPY_FLOAT32
+    return f
+
+
+cdef inline double _fat(FVec f, Py_ssize_t c, double absent) noexcept nogil:
+    """f[c] as a double (absent for None)."""
+    if f.data == NULL:
+        return absent
+    return (<float*>f.data)[c] if f.single else (<double*>f.data)[c]
+
+
 cdef inline double* _ptr(object v):
     """The data of a vector _vec accepted (NULL for None)."""
     return NULL if v is None else <double*>cnp.PyArray_DATA(<cnp.ndarray>v)
@@ -782,8 +816,8 @@ def normalize(
     x,                      # IN  (N, C, L) or (M, C), float32/float64, C-contiguous
     mean,                   # IN  (C,) float64
     invstd,                 # IN  (C,) float64
-    weight,                 # IN  (C,) float64 or None (= 1)
-    bias,                   # IN  (C,) float64 or None (= 0)
+    weight,                 # IN  (C,) float32/float64 or None (= 1)
+    bias,                   # IN  (C,) float32/float64 or None (= 0)
     out,                    # OUT like x (may be x itself)
     int num_threads=0,
 ):
@@ -798,8 +832,8 @@ def normalize(
     _check_same("out", out, "x", <cnp.ndarray>x, True)
     cdef const double* mu = _ptr(_vec("mean", mean, C))
     cdef const double* inv = _ptr(_vec("invstd", invstd, C))
-    cdef const double* w = _ptr(_vec("weight", weight, C, True))
-    cdef const double* b = _ptr(_vec("bias", bias, C, True))
+    cdef FVec w = _fvec("weight", weight, C)
+    cdef FVec b = _fvec("bias", bias, C)
     cdef Py_ssize_t c
     cdef double[:, ::1] coef
     if cnp.PyArray_SIZE(<cnp.ndarray>x) == 0:
@@ -807,9 +841,9 @@ def normalize(
     coef = _coefs(C)
     for c in range(C):
         coef[0, c] = mu[c]
-        coef[1, c] = inv[c] * w[c] if w != NULL else inv[c]
+        coef[1, c] = inv[c] * _fat(w, c, 1.0)
         coef[2, c] = 0.0
-        coef[3, c] = b[c] if b != NULL else 0.0
+        coef[3, c] = _fat(b, c, 0.0)
     _affine_pass(<cnp.ndarray>x, None, <cnp.ndarray>out, coef, num_threads)
 
 
@@ -818,7 +852,7 @@ def backward_input(
     x,                      # IN  like dy: the forward input
     mean,                   # IN  (C,) float64
     invstd,                 # IN  (C,) float64
-    weight,                 # IN  (C,) float64 or None (= 1)
+    weight,                 # IN  (C,) float32/float64 or None (= 1)
     mean_dy,                # IN  (C,) float64: global sum(dy) / count
     mean_dy_xmu,            # IN  (C,) float64: global sum(dy * (x - mean)) / count
     out,                    # OUT like x: gradient of the input (may be dy or x itself)
@@ -834,7 +868,7 @@ def backward_input(
     _check_same("out", out, "dy", <cnp.ndarray>dy, True)
     cdef const double* mu = _ptr(_vec("mean", mean, C))
     cdef const double* inv = _ptr(_vec("invstd", invstd, C))
-    cdef const double* w = _ptr(_vec("weight", weight, C, True))
+    cdef FVec w = _fvec("weight", weight, C)
     cdef const double* mdy = _ptr(_vec("mean_dy", mean_dy, C))
     cdef const double* mdx = _ptr(_vec("mean_dy_xmu", mean_dy_xmu, C))
     cdef Py_ssize_t c
@@ -844,7 +878,7 @@ def backward_input(
         return
     coef = _coefs(C)
     for c in range(C):
-        a = inv[c] * w[c] if w != NULL else inv[c]
+        a = inv[c] * _fat(w, c, 1.0)
         coef[0, c] = mu[c]
         coef[1, c] = a
         coef[2, c] = -a * inv[c] * inv[c] * mdx[c]
@@ -858,39 +892,24 @@ def backward_input(
 #    each, replaced by one loop)
 # ---------------------------------------------------------------------------
 
-cdef int _check_running(str name, object buf, Py_ssize_t C) except -1:
-    """A running-statistics buffer: None, or a 1-D float32/float64 array of length C."""
-    if buf is None:
-        return 0
-    if (not isinstance(buf, np.ndarray) or cnp.PyArray_NDIM(<cnp.ndarray>buf) != 1
-            or cnp.PyArray_DIM(<cnp.ndarray>buf, 0) != C
-            or cnp.PyArray_ISBYTESWAPPED(<cnp.ndarray>buf)
-            or cnp.PyArray_TYPE(<cnp.ndarray>buf) not in (cnp.NPY_FLOAT32, cnp.NPY_FLOAT64)):
-        raise TypeError(f"{name}: expected a 1-D float32 or float64 numpy.ndarray of "
-                        f"length {C} (got {_describe(buf)})")
-    _check_layout(name, <cnp.ndarray>buf, True)
-    return 0
+cdef void _lerp(FVec buf, const double* target, double scale, double factor,
+                Py_ssize_t C) noexcept:
+    """``buf = (1 - factor) * buf + factor * target * scale`` (a running statistic).
 
-
-cdef void _lerp(object buf, const double* target, double scale, double factor,
-                Py_ssize_t C):
-    """``buf = (1 - factor) * buf + factor * target * scale`` (a checked buffer or None).
-
-    The formula torch uses for running statistics: an infinite buffer stays
-    infinite (a lerp would turn it into NaN).
+    The formula torch uses: an infinite buffer stays infinite (a lerp would
+    turn it into NaN).
     """
-    if buf is None:
-        return
-    cdef float* bf = <float*>cnp.PyArray_DATA(<cnp.ndarray>buf)
-    cdef double* bd = <double*>cnp.PyArray_DATA(<cnp.ndarray>buf)
     cdef Py_ssize_t c
     cdef double keep = 1.0 - factor
-    if cnp.PyArray_TYPE(<cnp.ndarray>buf) == cnp.NPY_FLOAT32:
+    if buf.data == NULL:
+        return
+    if buf.single:
         for c in range(C):
-            bf[c] = <float>(keep * bf[c] + factor * (target[c] * scale))
+            (<float*>buf.data)[c] = <float>(keep * (<float*>buf.data)[c]
+                                            + factor * (target[c] * scale))
     else:
         for c in range(C):
-            bd[c] = keep * bd[c] + factor * (target[c] * scale)
+            (<double*>buf.data)[c] = keep * (<double*>buf.data)[c] + factor * (target[c] * scale)
 
 
 @cython.cdivision(True)
@@ -934,8 +953,8 @@ def finish_stats(
     cdef const double* s = _ptr(_vec("shift", shift, C))
     cdef const double* b = _ptr(_vec("sums", sums, 2 * C + 1))
     cdef double* nxt = _ptr(_vec("next_shift", next_shift, C, True, True))
-    _check_running("running_mean", running_mean, C)
-    _check_running("running_var", running_var, C)
+    cdef FVec rm = _fvec("running_mean", running_mean, C, True)
+    cdef FVec rv = _fvec("running_var", running_var, C, True)
     cdef double n = b[2 * C], d, v
     cdef Py_ssize_t c
     cdef bint far = False
@@ -964,6 +983,6 @@ def finish_stats(
         for c in range(C):
             if isfinite(mean[c]):
                 nxt[c] = mean[c]
-    _lerp(running_mean, mean, 1.0, factor, C)
-    _lerp(running_var, var, n / (n - 1.0) if n > 1.0 else INFINITY, factor, C)
+    _lerp(rm, mean, 1.0, factor, C)
+    _lerp(rv, var, n / (n - 1.0) if n > 1.0 else INFINITY, factor, C)
     return False

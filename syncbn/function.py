@@ -124,12 +124,13 @@ _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64, torch.floa
 _NUMPY_VIEWABLE = tuple(_NUMPY_DTYPE)
 
 
-def _vec(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
-    """A per-channel parameter as float64 numpy (numpy casts cost far less than torch ops)."""
+def _param(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
+    """A per-channel parameter as the kernels take it: a numpy view of a
+    float32/float64 tensor (no copy), float64 for other dtypes."""
     if t is None:
         return None
-    if t.dtype in _NUMPY_VIEWABLE:
-        return t.numpy(force=True).astype(np.float64)
+    if t.dtype in _KERNEL_DTYPES:
+        return t.numpy(force=True)
     return t.detach().to(torch.float64).numpy()
 
 
@@ -162,12 +163,7 @@ def _running_update(
         factor = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
     else:
         factor = momentum
-    return _buffer(running_mean), _buffer(running_var), factor
-
-
-def _buffer(t: torch.Tensor) -> np.ndarray:
-    # buffers never require grad; numpy sees float32/float64 ones in place
-    return t.numpy() if t.dtype in _KERNEL_DTYPES else t.to(torch.float64).numpy()
+    return _param(running_mean), _param(running_var), factor
 
 
 def _running_done(running_mean: torch.Tensor, running_var: torch.Tensor,
@@ -247,7 +243,7 @@ def _forward(
     if stats is None:
         return torch.empty_like(x), xk, xv, layout, n, stats
     yv, y = layout.empty(xv.dtype)
-    _kernels.normalize(xv, stats[0], stats[1], _vec(weight), _vec(bias), yv,
+    _kernels.normalize(xv, stats[0], stats[1], _param(weight), _param(bias), yv,
                        torch.get_num_threads())
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
@@ -313,7 +309,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             comm.allreduce_(buf)
             b /= ctx.count   # the global means of dy and of dy * (x - mean)
             dxv, grad_x = layout.empty(xv.dtype)
-            _kernels.backward_input(dyv, xv, stats[0], stats[1], _vec(weight),
+            _kernels.backward_input(dyv, xv, stats[0], stats[1], _param(weight),
                                     b[:C], b[C:], dxv, nt)
             if grad_x.dtype != ctx.input_dtype:
                 grad_x = grad_x.to(ctx.input_dtype)

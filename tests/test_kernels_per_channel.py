@@ -1,4 +1,5 @@
-"""syncbn._kernels.finish_stats: from reduced sums to the statistics, against numpy."""
+"""Per-channel inputs of the kernels: finish_stats (from the reduced sums to the
+statistics, against numpy) and parameters taken in their own dtype."""
 from __future__ import annotations
 
 import numpy as np
@@ -83,3 +84,23 @@ def test_errors_say_what_was_expected(call, error, message) -> None:
     with pytest.raises(error) as info:
         call(np.zeros((3, 4)))
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("x_dtype", [np.float32, np.float64])
+def test_float32_parameters_act_like_their_float64_values(x_dtype: type) -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 4, 5)).astype(x_dtype)
+    dy = rng.normal(size=(3, 4, 5)).astype(x_dtype)
+    mean, invstd = rng.normal(size=4), rng.uniform(0.5, 2.0, size=4)
+    w32, b32 = rng.normal(size=4).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    w64, b64 = w32.astype(np.float64), b32.astype(np.float64)
+    y32, y64 = np.empty_like(x), np.empty_like(x)
+    _kernels.normalize(x, mean, invstd, w32, b32, y32, 1)
+    _kernels.normalize(x, mean, invstd, w64, b64, y64, 1)
+    np.testing.assert_array_equal(y32, y64)
+    _kernels.backward_input(dy, x, mean, invstd, w32, mean, invstd, y32, 1)
+    _kernels.backward_input(dy, x, mean, invstd, w64, mean, invstd, y64, 1)
+    np.testing.assert_array_equal(y32, y64)
+    with pytest.raises(TypeError, match=r"weight: expected a 1-D float32 or float64 numpy.ndarray "
+                                        r"of length 4 \(got float16"):
+        _kernels.normalize(x, mean, invstd, w32.astype(np.float16), None, y32, 1)
