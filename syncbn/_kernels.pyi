@@ -36,7 +36,11 @@ def normalize(
     out: Data,
     num_threads: int = 0,
 ) -> None:
-    """out = (x - mean) * invstd * weight + bias, float64 arithmetic; out may be x."""
+    """out = (x - mean) * invstd * weight + bias; out may be x.
+
+    Arithmetic in the dtype of x, centred on mean rounded to it (the rounding
+    corrected in float64), so a large |mean| costs no accuracy.
+    """
 def backward_reduce(dy: Data, x: Data, mean: Vec, out: Vec, num_threads: int = 0) -> None:
     """out[:C] = sum(dy), out[C:2C] = sum(dy * (x - mean))."""
 def backward_input(
@@ -52,7 +56,7 @@ def backward_input(
 ) -> None:
     """out = (dy - mean_dy - (x - mean) * invstd**2 * mean_dy_xmu) * invstd * weight.
 
-    float64 arithmetic; out may be dy or x.
+    Arithmetic in the dtype of the data, centred like normalize; out may be dy or x.
     """
 
 REFINE: float
