@@ -77,6 +77,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--skip-mpi", action="store_true", help="skip the 2-process mpirun part")
     p.add_argument("--skip-torchrun", action="store_true", help="skip the 2-process torchrun part")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's adaptive malloc thresholds alone (see MALLOC_ENV)")
     args = p.parse_args(argv)
     if args.rounds is None:
         args.rounds = 3 if args.quick else 9
@@ -438,7 +440,8 @@ def render(doc: dict[str, Any]) -> str:
         f"{meta['date']}, syncbn at {meta['git']}, torch {meta['torch']}, {meta['cpu']}, {meta['cores']} cores, "
         f"{meta['rounds']} rounds{' (quick)' if meta['quick'] else ''}; load average "
         f"{meta['load_before']:.2f} before, {meta['load_after']:.2f} after "
-        "(other work on the machine inflates and scatters the times).",
+        "(other work on the machine inflates and scatters the times). "
+        f"malloc: {meta.get('malloc', 'glibc defaults')} (see MALLOC_ENV in bench.py).",
         "",
         "## Step time (forward + backward of (y * g).sum(), float32, 1 thread per process)",
         "",
@@ -619,8 +622,24 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+# glibc's malloc serves a large block from a fresh mmap unless an earlier free
+# raised its adaptive threshold above the block's size, and gives trimmed heap
+# top back to the OS; either way every 4 KiB of a fresh output then costs a
+# page fault (several microseconds in a VM). Which peer pays depends on the
+# allocation history of the process: measured here, the same syncbn step took
+# 0 or 750 faults, torch BN's 8 or 110, in the same process, depending on what
+# ran before. Fixed thresholds take that lottery out of the comparison, for
+# every peer alike (the usual advice for CPU training, like jemalloc or tcmalloc).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
+    if argv is None and not args.default_malloc and any(
+            os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        # glibc reads these at start-up: run again with them (children inherit them)
+        os.environ.update(MALLOC_ENV)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     budget = budget_for(args)
     start = time.perf_counter()
     meta: dict[str, Any] = {
@@ -629,6 +648,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "rounds": budget.rounds, "block_s": budget.block_s, "warmup": budget.warmup, "quick": args.quick,
         "load_before": os.getloadavg()[0], "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "git": _git_state(),
+        "malloc": " ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ) or "glibc defaults",
     }
     settings: dict[str, dict[str, Any]] = {"local": run_local(budget, not args.no_progress)}
     for setting, skip in (("mpirun", args.skip_mpi), ("torchrun", args.skip_torchrun)):
