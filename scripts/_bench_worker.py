@@ -53,9 +53,10 @@ SHAPES: tuple[Shape, ...] = (
 )
 
 # Peers in every setting; 1 process adds syncbn and torch with 2 threads,
-# torchrun adds syncbn over shared memory (process_group="shm").
+# torchrun adds syncbn over plain torch.distributed (process_group="torch": gloo),
+# next to syncbn's default there (shared memory when the ranks share a host).
 PEERS = ("torch", "fairscale", "syncbn")
-SHM_PEER = "syncbn_shm"
+GLOO_PEER = "syncbn_gloo"
 
 
 def make_batch(shape: Shape, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +70,7 @@ def make_batch(shape: Shape, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
     return x.requires_grad_(), g
 
 
-def make_layer(peer: str, shape: Shape, comm: str) -> Optional[torch.nn.Module]:
+def make_layer(peer: str, shape: Shape, comm: Optional[str]) -> Optional[torch.nn.Module]:
     """The layer of ``peer`` for ``shape``, or None where it does not apply or is not installed (n/a).
 
     ``comm`` is syncbn's ``process_group``. fairscale's layer synchronizes only
@@ -84,8 +85,8 @@ def make_layer(peer: str, shape: Shape, comm: str) -> Optional[torch.nn.Module]:
         return torch.nn.BatchNorm2d(C) if len(shape.dims) == 4 else torch.nn.BatchNorm1d(C)
     if name == "syncbn":
         return syncbn.SyncBatchNorm(C, process_group=comm)
-    if name == SHM_PEER:
-        return syncbn.SyncBatchNorm(C, process_group="shm")
+    if name == GLOO_PEER:
+        return syncbn.SyncBatchNorm(C, process_group="torch")
     if name == "fairscale":
         if len(shape.dims) != 4:
             return None  # a BatchNorm2d subclass: 4-D input only
@@ -242,7 +243,7 @@ def _median(values: Sequence[float]) -> float:
 
 def bench_steps(
     peers: Sequence[str],
-    comm: str,
+    comm: Optional[str],
     budget: Budget,
     sync: Sync,
     progress: Callable[[str], None],
@@ -288,8 +289,8 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
     else:
         dist.init_process_group("gloo")
         sync = TorchSync()
-        comm = "torch"
-    peers = PEERS + ((SHM_PEER,) if args.setting == "torchrun" else ())
+        comm = None  # syncbn's default under torch.distributed
+    peers = PEERS + ((GLOO_PEER,) if args.setting == "torchrun" else ())
     say = (lambda s: print(f"[{args.setting} {sync.size}p] {s}", file=sys.stderr, flush=True)) \
         if sync.rank == 0 else (lambda s: None)
     say(f"started: world size {sync.size}, syncbn over {comm!r}, {args.rounds} rounds")

@@ -6,8 +6,8 @@
 
 One command runs everything: the one-process part here, the two-process
 parts as subprocesses (``mpiexec -n 2 python -m mpi4py`` with syncbn over
-mpi4py, ``torchrun --nproc_per_node 2`` with syncbn over gloo and, as the
-peer "syncbn (shm)", over shared memory), whose rank 0
+mpi4py, ``torchrun --nproc_per_node 2`` with syncbn's default there, shared
+memory, and as the peer "syncbn (gloo)" over gloo), whose rank 0
 returns its results through a JSON file. What is timed is one training
 step: forward, and backward of ``(y * g).sum()`` with ``g`` fixed, float32,
 one thread per process. Peers are interleaved in rounds (see
@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from _bench_worker import (PEERS, SHAPES, SHM_PEER, Budget, Shape, Sync, bench_steps, make_batch, make_layer,
+from _bench_worker import (PEERS, SHAPES, GLOO_PEER, Budget, Shape, Sync, bench_steps, make_batch, make_layer,
                            time_round_robin, train_step)
 import syncbn  # importable now: _bench_worker puts the checkout on sys.path if needed
 from syncbn import _kernels
@@ -56,7 +56,7 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_bench_worker.py"
 SETTINGS = {"local": "1 proc", "mpirun": "2 proc mpirun", "torchrun": "2 proc torchrun"}
 SHORT_LABELS = {"local": "1 proc", "mpirun": "mpirun\n2 proc", "torchrun": "torchrun\n2 proc"}
-PEER_LABELS = {"torch": "torch BN", "fairscale": "fairscale", "syncbn": "syncbn", SHM_PEER: "syncbn (shm)"}
+PEER_LABELS = {"torch": "torch BN", "fairscale": "fairscale", "syncbn": "syncbn", GLOO_PEER: "syncbn (gloo)"}
 # extra peers of the one-process part: 2 threads, and the step without any layer
 LOCAL_PEERS = ("syncbn@2t", "torch@2t", "floor")
 # No binding: torchrun's workers are not bound either, and on a shared
@@ -397,10 +397,10 @@ def evaluate_targets(settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]
 
     add("1 proc: syncbn >= 3x faster than torch BN (geomean), slower on no shape", "local", one_proc)
     add("2 proc mpirun: syncbn >= 2.5x faster than torch BN (geomean)", "mpirun", mpirun)
-    add("2 proc torchrun, syncbn over gloo ('torch'): >= 3x faster than fairscale and not slower than "
-        "torch BN (geomeans)", "torchrun", torchrun("syncbn"))
-    add("2 proc torchrun, syncbn over shared memory ('shm'): >= 3x faster than fairscale and not slower "
-        "than torch BN (geomeans)", "torchrun", torchrun(SHM_PEER))
+    add("2 proc torchrun, syncbn (default: shared memory on one host): >= 3x faster than fairscale and "
+        "not slower than torch BN (geomeans)", "torchrun", torchrun("syncbn"))
+    add("2 proc torchrun, syncbn over gloo (process_group='torch'): >= 3x faster than fairscale and not "
+        "slower than torch BN (geomeans)", "torchrun", torchrun(GLOO_PEER))
     add("peak extra memory per step: syncbn <= torch BN on every shape", "local", memory)
     add("stats kernel within 1.5x of one torch.sum pass (geomean)", "local", stats)
     return targets
@@ -467,19 +467,20 @@ def render(doc: dict[str, Any]) -> str:
                 continue
             row = res["steps"][shape.key]
             ratios = [speedups({shape.key: row}, peer, vs).get(shape.key)
-                      for vs in ("syncbn", SHM_PEER) for peer in ("torch", "fairscale")]
+                      for vs in ("syncbn", GLOO_PEER) for peer in ("torch", "fairscale")]
             rows.append([shape.key, label, _ms(row["torch"]), _ms(row["fairscale"]), _ms(row["syncbn"]),
-                         _ms(row.get(SHM_PEER)), *map(_x, ratios)])
+                         _ms(row.get(GLOO_PEER)), *map(_x, ratios)])
     for s, label in SETTINGS.items():
         res = settings[s]
         if res.get("status") == "ok":
             rows.append(["geomean", label, "", "", "", "",
                          *(_x(geomean(list(speedups(res["steps"], peer, vs).values())))
-                           for vs in ("syncbn", SHM_PEER) for peer in ("torch", "fairscale"))])
-    out += ["syncbn runs over the setting's own collectives (1 proc: none, mpirun: mpi4py, torchrun: "
-            "gloo); syncbn (shm), under torchrun only, over shared memory (process_group='shm').", "",
-            _table(["shape", "setting", "torch BN ms", "fairscale ms", "syncbn ms", "syncbn (shm) ms",
-                    "syncbn vs torch BN", "syncbn vs fairscale", "shm vs torch BN", "shm vs fairscale"],
+                           for vs in ("syncbn", GLOO_PEER) for peer in ("torch", "fairscale"))])
+    out += ["syncbn runs with its default communicator (1 proc: none, mpirun: mpi4py, torchrun: "
+            "shared memory, as the ranks share a host); syncbn (gloo), under torchrun only, over "
+            "torch.distributed's gloo (process_group='torch').", "",
+            _table(["shape", "setting", "torch BN ms", "fairscale ms", "syncbn ms", "syncbn (gloo) ms",
+                    "syncbn vs torch BN", "syncbn vs fairscale", "gloo vs torch BN", "gloo vs fairscale"],
                    rows), ""]
 
     local = settings["local"]
@@ -580,7 +581,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
     settings = [(s, label) for s, label in SETTINGS.items() if doc["settings"][s].get("status") == "ok"]
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-    peers = PEERS + (SHM_PEER,)
+    peers = PEERS + (GLOO_PEER,)
     width = 0.8 / len(peers)
     for ax, shape in zip(axes.flat, SHAPES):
         times = []

@@ -27,5 +27,8 @@ def test_bench_quick_run_writes_its_report(tmp_path: Path) -> None:
     assert {s: r["status"] for s, r in doc["settings"].items()} == {
         "local": "ok", "mpirun": "ok", "torchrun": "ok"}, proc.stderr[-4000:]
     assert {t["verdict"] for t in doc["targets"]} <= {"PASS", "MISS"}
+    # the run (and its launchers' children) had glibc's malloc thresholds fixed
+    assert doc["meta"]["malloc"].startswith("MALLOC_MMAP_THRESHOLD_="), doc["meta"]["malloc"]
+    assert "syncbn_gloo" in doc["settings"]["torchrun"]["peers"]
     report = (out / "results.md").read_text()
     assert "## Targets" in report and report in proc.stdout
