@@ -92,7 +92,7 @@ def _kernel_input(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, _Layout]:
     shape = x.shape
     a = x.numpy(force=True)  # (a view: x is a CPU tensor)
     # (N, C, 1, 1) is contiguous both ways: rows keep the channel loop innermost
-    rows = len(shape) == 2 or a.size == shape[0] * shape[1]
+    rows = len(shape) == 2 or math.prod(shape[2:]) == 1
     for layout in (_layout(rows, shape), _layout(True, shape)):
         v = layout.view(a)
         if v is not None:
@@ -137,7 +137,6 @@ def _from_vec(v: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     if dtype in _NUMPY_VIEWABLE:
         return torch.from_numpy(v.astype(_NUMPY_DTYPE[dtype]))
     return torch.from_numpy(v).to(dtype)
-
 
 
 def _running_update(
