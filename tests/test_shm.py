@@ -40,17 +40,17 @@ def _run(cmd: list[str], ranks: int) -> None:
     job = run_job(cmd, TIMEOUT, env)
     out = job.output
     assert job.returncode is not None, f"timed out after {TIMEOUT} s:\n{out[-4000:]}"
-    assert job.returncode == 0, out[-4000:]
+    assert job.returncode == 0, f"exit code {job.returncode}:\n{out[-4000:]}"
     for case in CASES[cmd[-1]]:
         ok = re.findall(rf"^rank (\d+) case {case} ok$", out, re.MULTILINE)
         assert sorted(map(int, ok)) == list(range(ranks)), f"case {case}:\n{out[-4000:]}"
     done = re.findall(r"^rank (\d+) done failed=0$", out, re.MULTILINE)
-    assert sorted(map(int, done)) == list(range(ranks)), out[-4000:]
-    assert "resource_tracker" not in out, out[-4000:]
+    assert sorted(map(int, done)) == list(range(ranks)), f"done lines:\n{out[-4000:]}"
+    assert "resource_tracker" not in out, f"resource_tracker warning:\n{out[-4000:]}"
     # two segments: the worker's own SharedMemoryCommunicator, and the one
     # of the default group that every layer ("shm" and, under torchrun, None) shares
     segments = set(re.findall(r"^rank \d+ segment (\S+)$", out, re.MULTILINE))
-    assert len(segments) == 2, out[-4000:]
+    assert len(segments) == 2, f"segments {sorted(segments)}:\n{out[-4000:]}"
     if SHM.is_dir():
         assert not [s for s in segments if (SHM / s).exists()], "segments left in /dev/shm"
 
