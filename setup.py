@@ -1,4 +1,4 @@
-"""Build of the compiled core, syncbn._kernels (everything else is in pyproject.toml).
+"""Build of the compiled core, syncbn._kernels and syncbn._shm (everything else is in pyproject.toml).
 
 Environment variables:
   SYNCBN_NO_OPENMP=1     build without OpenMP (kernels run single-threaded)
@@ -106,6 +106,15 @@ ext = Extension(
     extra_compile_args=compile_args,
     extra_link_args=link_args,
 )
+# The shared-memory allreduce: no OpenMP, and no reassociation, since its
+# contract is the sum in rank order (the same bits on every rank, and those
+# of a plain left-to-right sum).
+shm_ext = Extension(
+    "syncbn._shm",
+    ["syncbn/_shm.pyx"],
+    define_macros=macros,
+    extra_compile_args=[a for a in compile_args if a not in REASSOC and a != "-fopenmp"],
+)
 
 # The sources do not change when only the SYNCBN_* variables do, so the file
 # dates alone would keep a stale build (say, one without OpenMP, or with the
@@ -139,7 +148,7 @@ class BuildExt(build_ext):
             f.write(CONFIG)
 
 
-setup(ext_modules=cythonize([ext], compiler_directives=directives,
+setup(ext_modules=cythonize([ext, shm_ext], compiler_directives=directives,
                             # a changed directive must regenerate the C file
                             force=changed),
       cmdclass={"build_ext": BuildExt})

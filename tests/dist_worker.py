@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import syncbn
-from syncbn.comm import MPICommunicator, TorchCommunicator
+from syncbn.comm import MPICommunicator, SharedMemoryCommunicator, TorchCommunicator
 
 WORLD = 4
 C = 3
@@ -150,7 +150,11 @@ class TorchContext(Context):
         }[label]
 
     def expected_comm(self, label: str) -> tuple[type, int]:
-        return TorchCommunicator, 2 if label == "subgroup" else self.size
+        # None and a ProcessGroup resolve to shared memory (the launch is on
+        # one host); "torch" and a TorchCommunicator stay on gloo
+        shm = label in ("auto", "world_group", "subgroup") and syncbn.comm._shm_enabled()
+        return (SharedMemoryCommunicator if shm else TorchCommunicator,
+                2 if label == "subgroup" else self.size)
 
 
 # --------------------------------------------------------------------------- #
@@ -444,6 +448,18 @@ def case_collective_count(ctx: Context) -> Checker:
                   str(backend_count()))
         chk.check("layer calls in eval", [l.communicator.calls for l in layers] == [7, 7],
                   str([l.communicator.calls for l in layers]))
+        if isinstance(ctx, TorchContext) and syncbn.comm._shm_enabled():
+            # the default, shared memory on this host: no torch.distributed
+            # collective at all once the group's segment exists
+            layer = syncbn.SyncBatchNorm(C)
+            layer.communicator  # resolved (set-up collectives, if the segment is new)
+            before = backend_count()
+            for _ in range(steps):
+                layer(torch.randn(2, C, 3, 3, requires_grad=True)).sum().backward()
+            chk.check("shm layer: backend allreduces", backend_count() == before,
+                      str(backend_count() - before))
+            chk.check("shm layer: calls", layer.communicator.calls == 2 * steps,
+                      str(layer.communicator.calls))
     finally:
         if restore is not None:
             restore()

@@ -140,6 +140,8 @@ def test_torch_without_init_says_what_to_do(no_launcher: None) -> None:
 
 
 def test_torch_selected_when_initialized(no_launcher: None, gloo_one_rank: None) -> None:
+    # one rank: nothing to share, so no shared-memory segment (tests/test_shm.py
+    # checks the choice of shared memory on several ranks)
     comm = get_communicator(None)
     assert type(comm) is TorchCommunicator and (comm.rank, comm.size) == (0, 1)
     group = dist.new_group([0])

@@ -6,7 +6,8 @@ segments it used, which must all be gone from /dev/shm after the job.
 """
 from __future__ import annotations
 
-import gc
+import errno
+import os
 import re
 import sys
 from pathlib import Path
@@ -16,8 +17,9 @@ import torch
 
 from launch import job_env, run_job, tool
 
+import syncbn
 from syncbn import SyncBatchNorm
-from syncbn.comm import LocalCommunicator, SharedMemoryCommunicator, get_communicator
+from syncbn.comm import LocalCommunicator, SharedMemoryCommunicator, ShmUnavailable, get_communicator
 
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "shm_worker.py"
@@ -25,19 +27,30 @@ TIMEOUT = 180
 SHM = Path("/dev/shm")
 
 
+CASES = {
+    "mpi": ["allreduce", "batchnorm", "default"],
+    "torch": ["allreduce", "batchnorm", "default", "opt_out", "create_fails", "attach_fails",
+              "hosts_differ"],
+}
+
+
 def _run(cmd: list[str], ranks: int) -> None:
-    job = run_job(cmd, TIMEOUT, job_env(SYNCBN_SHM_TIMEOUT="60"))
+    env = job_env(SYNCBN_SHM_TIMEOUT="60")
+    env.pop("SYNCBN_SHM", None)  # the worker checks the automatic choice
+    job = run_job(cmd, TIMEOUT, env)
     out = job.output
     assert job.returncode is not None, f"timed out after {TIMEOUT} s:\n{out[-4000:]}"
-    assert job.returncode == 0, out[-4000:]
-    for case in ("allreduce", "batchnorm"):
+    assert job.returncode == 0, f"exit code {job.returncode}:\n{out[-4000:]}"
+    for case in CASES[cmd[-1]]:
         ok = re.findall(rf"^rank (\d+) case {case} ok$", out, re.MULTILINE)
         assert sorted(map(int, ok)) == list(range(ranks)), f"case {case}:\n{out[-4000:]}"
     done = re.findall(r"^rank (\d+) done failed=0$", out, re.MULTILINE)
-    assert sorted(map(int, done)) == list(range(ranks)), out[-4000:]
-    assert "resource_tracker" not in out, out[-4000:]
+    assert sorted(map(int, done)) == list(range(ranks)), f"done lines:\n{out[-4000:]}"
+    assert "resource_tracker" not in out, f"resource_tracker warning:\n{out[-4000:]}"
+    # two segments: the worker's own SharedMemoryCommunicator, and the one
+    # of the default group that every layer ("shm" and, under torchrun, None) shares
     segments = set(re.findall(r"^rank \d+ segment (\S+)$", out, re.MULTILINE))
-    assert len(segments) == 2, out[-4000:]
+    assert len(segments) == 2, f"segments {sorted(segments)}:\n{out[-4000:]}"
     if SHM.is_dir():
         assert not [s for s in segments if (SHM / s).exists()], "segments left in /dev/shm"
 
@@ -72,15 +85,17 @@ def test_single_process() -> None:
         comm.allreduce_(torch.zeros(2, dtype=torch.float64))
 
 
-def test_get_communicator_and_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"):
         monkeypatch.delenv(var, raising=False)
+
+
+def test_get_communicator_and_layer(no_launcher: None) -> None:
     comm = get_communicator("shm")
     assert isinstance(comm, SharedMemoryCommunicator) and isinstance(comm.base, LocalCommunicator)
-    path = SHM / comm.segment_name
-    del comm
-    gc.collect()
-    assert not path.exists()  # garbage collection unlinks
+    # unlinked as soon as every rank attached: nothing to leak if the job is killed
+    assert not (SHM / comm.segment_name).exists()
     layer = SyncBatchNorm(3, process_group="shm").double()
     x = torch.randn(4, 3, 5, dtype=torch.float64)
     ref = torch.nn.BatchNorm1d(3).double()
@@ -88,7 +103,39 @@ def test_get_communicator_and_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     assert layer.communicator.calls == 1
 
 
-def test_hosts_differ() -> None:
+def test_one_segment_per_group(no_launcher: None) -> None:
+    """Every "shm" communicator of a group shares its segment; each counts its own calls."""
+    a, b = get_communicator("shm"), get_communicator("shm")
+    assert a is not b and a.segment_name == b.segment_name  # type: ignore[attr-defined]
+    a.allreduce_(torch.ones(3, dtype=torch.float64))
+    assert (a.calls, b.calls) == (1, 0)
+    assert torch.equal(b.allreduce_(torch.ones(2, dtype=torch.float64)), torch.ones(2, dtype=torch.float64))
+    # a communicator built by hand has a segment of its own
+    own = SharedMemoryCommunicator(capacity=4)
+    assert own.segment_name != a.segment_name and own.capacity == 4  # type: ignore[attr-defined]
+    own.close()
+    assert b.allreduce_(torch.ones(1, dtype=torch.float64)).item() == 1.0
+    # closing the group's segment closes it for all; the next request makes a new one
+    a.close()  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="after close"):
+        b.allreduce_(torch.zeros(1, dtype=torch.float64))
+    c = get_communicator("shm")
+    assert c.segment_name != a.segment_name  # type: ignore[attr-defined]
+    assert c.allreduce_(torch.ones(1, dtype=torch.float64)).item() == 1.0
+
+
+def test_auto_never_picks_shm_for_one_process(no_launcher: None) -> None:
+    assert type(get_communicator(None)) is LocalCommunicator
+
+
+@pytest.mark.parametrize("value, enabled", [("", True), ("1", True), ("0", False), ("off", False),
+                                            ("False", False), ("no", False)])
+def test_syncbn_shm_variable(monkeypatch: pytest.MonkeyPatch, value: str, enabled: bool) -> None:
+    monkeypatch.setenv("SYNCBN_SHM", value)
+    assert syncbn.comm._shm_enabled() is enabled
+
+
+def test_hosts_differ() -> None:  # (auto falls back instead: tests/shm_worker.py)
     class TwoHosts(LocalCommunicator):
         """Rank 0 of 2 whose peer reports another host in gather_values."""
 
@@ -119,3 +166,47 @@ def test_timeout_names_missing_ranks() -> None:
     with pytest.raises(RuntimeError, match=r"ranks \[1\] did not arrive"):
         comm.allreduce_(torch.ones(2, dtype=torch.float64))
     comm.close()
+
+
+def test_full_dev_shm_is_an_error_not_a_sigbus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pages are reserved at creation: a full /dev/shm raises there (and
+    leaves nothing behind) instead of killing a rank at its first write."""
+    from multiprocessing import shared_memory
+
+    real, created = shared_memory.SharedMemory, []
+
+    def recording(*args: object, **kwargs: object) -> object:
+        shm = real(*args, **kwargs)  # type: ignore[arg-type]
+        created.append(shm.name)
+        return shm
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shared_memory, "SharedMemory", recording)
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ShmUnavailable, match="rank 0 could not create") as info:
+        SharedMemoryCommunicator(LocalCommunicator())
+    assert isinstance(info.value.__cause__, OSError)
+    assert len(created) == 1 and not (SHM / created[0]).exists()
+
+
+def test_kernel_sums_rows_in_rank_order_and_checks_its_arguments() -> None:
+    """syncbn._shm.allreduce on plain arrays: rank 1 of 3, ranks 0 and 2 already arrived."""
+    import numpy as np
+
+    from syncbn import _shm
+
+    flags = np.array([1, 0, 2], dtype=np.int64)
+    data = np.zeros((2, 3, 4))
+    data[1, 0, :3] = [1e16, 1.0, -1.0]
+    data[1, 2, :3] = [-1e16, 2.0, 3.0]
+    buf = np.array([1.0, 0.5, 0.25])
+    assert _shm.allreduce(flags, data, 1, 1, buf, 1.0) == []
+    assert buf.tolist() == [(1e16 + 1.0) - 1e16, 3.5, 2.25]  # left to right: 1.0 is lost
+    assert flags.tolist() == [1, 1, 2] and data[1, 1, :3].tolist() == [1.0, 0.5, 0.25]
+    with pytest.raises(ValueError, match="do not fit"):
+        _shm.allreduce(flags, data, 1, 3, np.zeros(5), 1.0)
+    with pytest.raises(ValueError, match="one segment"):
+        _shm.allreduce(flags, data, 3, 3, np.zeros(1), 1.0)
+    assert _shm.allreduce(flags, data, 1, 3, np.zeros(1), 0.05) == [0, 2]  # timeout
