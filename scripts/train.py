@@ -49,7 +49,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, momentum 0.9 (default: 0.05)")
     p.add_argument("--seed", type=int, default=0, help="initial weights and shuffling (default: 0)")
     p.add_argument("--comm", choices=["auto", "mpi", "torch", "local"], default="auto",
-                   help="what SyncBatchNorm communicates over; auto: mpi under mpirun, torch under torchrun; "
+                   help="what SyncBatchNorm communicates over; auto: mpi under mpirun, syncbn's default under torchrun (shared memory on one host, else torch); "
                         "local: no synchronization, each rank normalizes its own shard (for comparison)")
     p.add_argument("--threads", type=int, default=1, help="threads per process, torch and syncbn kernels (default: 1)")
     p.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop each epoch after this many steps (for tests)")
@@ -151,7 +151,9 @@ def detect_launcher() -> str:
 def resolve_comm(requested: str, launcher: str) -> str:
     """The process_group string for SyncBatchNorm under this launcher."""
     if requested == "auto":
-        return {"mpirun": "mpi", "torchrun": "torch"}.get(launcher, "local")
+        # under torchrun, syncbn's own default: shared memory when every rank
+        # is on this host, else torch.distributed
+        return {"mpirun": "mpi", "torchrun": "auto"}.get(launcher, "local")
     if requested == "torch" and launcher == "single":
         sys.exit("--comm torch needs a distributed launch (torchrun or mpirun)")
     if requested == "mpi" and launcher == "torchrun":
@@ -224,6 +226,8 @@ def train(args: argparse.Namespace) -> None:
     core = syncbn.convert_sync_batchnorm(plain, process_group=comm)
     model: nn.Module = wrap_ddp(core) if distributed else core
     optimizer = make_optimizer(model, args.lr)
+    # the communicator the layers resolved to (every rank takes part in resolving it)
+    comm = next(m for m in core.modules() if isinstance(m, syncbn.SyncBatchNorm)).communicator.name
 
     say(f"launcher={launcher} world_size={world_size} comm={comm} batch={world_size}x{args.batch_size} "
         f"train={len(y_train)} held_out={len(y_test)} threads={args.threads}", flush=True)

@@ -47,9 +47,10 @@ class SyncBatchNorm(_BatchNorm):
             if ``False``, batch statistics are used in evaluation too (local
             to each rank, without communication). Default: ``True``
         process_group: what the statistics are summed over: ``None`` or
-            ``"auto"`` (torch.distributed if initialized, else MPI
-            ``COMM_WORLD`` when launched with more than one rank, else this
-            process alone), ``"torch"``, ``"mpi"``, ``"local"``, a
+            ``"auto"`` (torch.distributed if initialized, through shared
+            memory when all its ranks are on this host; else MPI
+            ``COMM_WORLD`` when launched with more than one rank; else this
+            process alone), ``"torch"``, ``"mpi"``, ``"local"``, ``"shm"``, a
             ``torch.distributed.ProcessGroup``, an mpi4py communicator, or a
             :class:`syncbn.comm.Communicator`. Default: ``None``
         device, dtype: of the parameters and buffers (CPU only).
