@@ -19,6 +19,7 @@ asked for.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import secrets
@@ -438,6 +439,15 @@ def _shm_or(group: Any, base: TorchCommunicator) -> Communicator:
 # Failures are kept too: later layers on the group then take the same
 # decision without repeating the set-up collectives.
 _SEGMENTS: "dict[int, tuple[Any, Union[_Segment, str]]]" = {}
+
+
+@atexit.register
+def _forget_groups() -> None:
+    # Let go of the groups before the interpreter shuts down: a torch
+    # ProcessGroup that outlives destroy_process_group() and is only freed
+    # during interpreter finalization can abort the process on exit
+    # ("terminate called without an active exception").
+    _SEGMENTS.clear()
 
 
 def _group_segment(group: Any, base: Communicator) -> _Segment:
