@@ -927,8 +927,8 @@ def finish_stats(
     """Mean, invstd and variance from the reduced sums; running statistics.
 
     Returns True, having written only ``stats[0]`` (the better shift), when
-    ``refine`` is set and for some channel ``(mean - shift)^2 > 1e13 * var``:
-    the variance would then keep fewer than about 3 digits, so the caller
+    ``refine`` is set and for some channel ``(mean - shift)^2 > REFINE * var``
+    (REFINE = 1e6): the variance would then keep fewer than about 10 digits, so the caller
     sums again around ``stats[0]`` and calls back with ``refine=False``. The
     test uses reduced values only, so every rank decides alike.
 
@@ -968,7 +968,7 @@ def finish_stats(
         var[c] = v if (v > 0.0 or v != v) else 0.0  # (NaN stays NaN)
     if refine:
         for c in range(C):
-            d = mean[c] - s[c]
+            d = b[c] / n                            # mean - shift, as above
             if isfinite(d) and d * d > _REFINE * var[c]:
                 far = True
                 break
