@@ -57,6 +57,8 @@ SHAPES: tuple[Shape, ...] = (
 # next to syncbn's default there (shared memory when the ranks share a host).
 PEERS = ("torch", "fairscale", "syncbn")
 GLOO_PEER = "syncbn_gloo"
+# A peer name ending in LAYER_ONLY times layer_step instead of train_step.
+LAYER_ONLY = "/layer"
 
 
 def make_batch(shape: Shape, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +80,7 @@ def make_layer(peer: str, shape: Shape, comm: Optional[str]) -> Optional[torch.n
     plain BatchNorm2d), so the caller must have initialized it.
     """
     C = shape.dims[1]
-    name = peer.split("@")[0]
+    name = peer.split("@")[0].removesuffix(LAYER_ONLY)
     if name == "floor":
         return torch.nn.Identity()  # the step without a normalization layer: a lower bound
     if name == "torch":
@@ -120,6 +122,18 @@ def train_step(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> None
     x.grad = None
     layer.zero_grad(set_to_none=True)
     (layer(x) * g).sum().backward()
+
+
+def layer_step(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
+    """The layer alone: forward, and backward with ``g`` as the output's gradient.
+
+    The same gradients as :func:`train_step` (the gradient of ``(y * g).sum()``
+    with respect to ``y`` is ``g``) without the loss's own two full-size
+    passes, as for a layer inside a network, where the loss is computed once.
+    """
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    layer(x).backward(g)
 
 
 # ----------------------------------------------------------------------------- synchronization
@@ -253,7 +267,8 @@ def bench_steps(
     for i, shape in enumerate(SHAPES):
         x, g = make_batch(shape, seed=sync.rank)
         layers = {p: make_layer(p, shape, comm) for p in peers}
-        fns = {p: (lambda m=m: train_step(m, x, g)) for p, m in layers.items() if m is not None}
+        fns = {p: (lambda m=m, step=layer_step if p.endswith(LAYER_ONLY) else train_step: step(m, x, g))
+               for p, m in layers.items() if m is not None}
         res: dict[str, Any] = dict(time_round_robin(fns, {p: peer_threads(p) for p in fns}, budget, sync))
         for p, m in layers.items():
             if m is None:

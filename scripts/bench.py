@@ -14,7 +14,9 @@ one thread per process. Peers are interleaved in rounds (see
 ``_bench_worker.py``); the figure is the median over rounds.
 
 Also measured, in one process: the same step with no layer at all (which
-bounds any layer's speedup over torch BN); the OpenMP speedup of syncbn with
+bounds any layer's speedup over torch BN); the layers alone (forward, and
+backward with ``g`` as the output's gradient: no loss arithmetic, as for a
+layer inside a network); the OpenMP speedup of syncbn with
 2 threads; the peak memory a step allocates; the statistics kernel against
 one ``torch.sum`` pass. Computed: the bytes each scheme communicates per step.
 
@@ -47,8 +49,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from _bench_worker import (PEERS, SHAPES, GLOO_PEER, Budget, Shape, Sync, bench_steps, make_batch, make_layer,
-                           time_round_robin, train_step)
+from _bench_worker import (PEERS, SHAPES, GLOO_PEER, LAYER_ONLY, Budget, Shape, Sync, bench_steps, make_batch,
+                           make_layer, time_round_robin, train_step)
 import syncbn  # importable now: _bench_worker puts the checkout on sys.path if needed
 from syncbn import _kernels
 
@@ -57,8 +59,9 @@ WORKER = HERE / "_bench_worker.py"
 SETTINGS = {"local": "1 proc", "mpirun": "2 proc mpirun", "torchrun": "2 proc torchrun"}
 SHORT_LABELS = {"local": "1 proc", "mpirun": "mpirun\n2 proc", "torchrun": "torchrun\n2 proc"}
 PEER_LABELS = {"torch": "torch BN", "fairscale": "fairscale", "syncbn": "syncbn", GLOO_PEER: "syncbn (gloo)"}
-# extra peers of the one-process part: 2 threads, and the step without any layer
-LOCAL_PEERS = ("syncbn@2t", "torch@2t", "floor")
+# extra peers of the one-process part: 2 threads, the step without any layer,
+# and the layers alone (no loss arithmetic)
+LOCAL_PEERS = ("syncbn@2t", "torch@2t", "floor", "torch" + LAYER_ONLY, "syncbn" + LAYER_ONLY)
 # No binding: torchrun's workers are not bound either, and on a shared
 # machine a rank pinned to a busy core cannot move to an idle one. Yield
 # when idle: a rank spinning in a collective otherwise takes CPU time from
@@ -497,6 +500,17 @@ def render(doc: dict[str, Any]) -> str:
                 "layer, so a layer that cost nothing would be at most torch BN / floor times faster "
                 "than torch BN.", "",
                 _table(["shape", "floor ms", "torch BN ms", "syncbn ms", "bound: torch BN / floor"], rows), ""]
+        tl, sl = "torch" + LAYER_ONLY, "syncbn" + LAYER_ONLY
+        rows = []
+        for shape in SHAPES:
+            row = local["steps"][shape.key]
+            rows.append([shape.key, _ms(row[tl]), _ms(row[sl]), _x(row[tl]["median_s"] / row[sl]["median_s"])])
+        rows.append(["geomean", "", "", _x(geomean(list(speedups(local["steps"], tl, sl).values())))])
+        out += ["## The layer alone (1 process)", "",
+                "Forward, and backward with g as the output's gradient (`y.backward(g)`): the same "
+                "gradients as the step without the loss's own arithmetic, as for one layer inside a "
+                "network, where the loss is computed once. The targets are judged on the step above.", "",
+                _table(["shape", "torch BN ms", "syncbn ms", "syncbn vs torch BN"], rows), ""]
         rows = []
         for shape in SHAPES:
             row = local["steps"][shape.key]

@@ -41,8 +41,11 @@ def normalize(
     Arithmetic in the dtype of x, centred on mean rounded to it (the rounding
     corrected in float64), so a large |mean| costs no accuracy.
     """
-def backward_reduce(dy: Data, x: Data, mean: Vec, out: Vec, num_threads: int = 0) -> None:
-    """out[:C] = sum(dy), out[C:2C] = sum(dy * (x - mean))."""
+def backward_reduce(dy: Data, x: Data, mean: Vec, out: Vec, num_threads: int = 0,
+                    invstd: Optional[Vec] = None, grad_weight: Optional[Param] = None,
+                    grad_bias: Optional[Param] = None) -> None:
+    """out[:C] = sum(dy), out[C:2C] = sum(dy * (x - mean)); and, if given,
+    grad_weight = out[C:2C] * invstd, grad_bias = out[:C] (invstd required with grad_weight)."""
 def backward_input(
     dy: Data,
     x: Data,

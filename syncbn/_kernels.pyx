@@ -225,6 +225,14 @@ cdef inline double _fat(FVec f, Py_ssize_t c, double absent) noexcept nogil:
     return (<float*>f.data)[c] if f.single else (<double*>f.data)[c]
 
 
+cdef inline void _fput(FVec f, Py_ssize_t c, double v) noexcept nogil:
+    """f[c] = v, rounded to f's dtype."""
+    if f.single:
+        (<float*>f.data)[c] = <float>v
+    else:
+        (<double*>f.data)[c] = v
+
+
 cdef inline double* _ptr(object v):
     """The data of a vector _vec accepted (NULL for None)."""
     return NULL if v is None else <double*>cnp.PyArray_DATA(<cnp.ndarray>v)
@@ -697,12 +705,23 @@ def backward_reduce(
     mean,                   # IN  (C,) float64
     out,                    # OUT (2C,) float64: [sum(dy), sum(dy * (x - mean))]
     int num_threads=0,
+    invstd=None,            # IN  (C,) float64; needed with grad_weight
+    grad_weight=None,       # OUT (C,) float32/float64 or None: sum(dy * (x - mean)) * invstd
+    grad_bias=None,         # OUT (C,) float32/float64 or None: sum(dy)
 ):
-    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` in one pass, float64."""
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` in one pass, float64.
+
+    With ``grad_weight`` / ``grad_bias``, also writes the parameter gradients
+    these sums give (this rank's, in the parameters' own dtype): the layer
+    then needs no NumPy arithmetic of its own between the kernels.
+    """
     cdef Py_ssize_t C = _check_data("dy", dy)
     _check_same("x", x, "dy", <cnp.ndarray>dy)
     cdef const double[::1] mu = _vec("mean", mean, C)
     cdef double[::1] o = _vec("out", out, 2 * C, False, True)
+    cdef FVec gw = _fvec("grad_weight", grad_weight, C, True)
+    cdef FVec gb = _fvec("grad_bias", grad_bias, C, True)
+    cdef const double* inv = _ptr(_vec("invstd", invstd, C, gw.data == NULL))
     cdef cnp.ndarray a = <cnp.ndarray>x
     cdef Py_ssize_t c
     cdef Split sp
@@ -711,20 +730,24 @@ def backward_reduce(
     cdef const double[:, ::1] gd, xd
     for c in range(2 * C):
         o[c] = 0.0
-    if cnp.PyArray_SIZE(a) == 0:
-        return
-    sp = _split(a, num_threads, 2)
-    acc = _partials(&sp)
-    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
-        gf = _rows(<cnp.ndarray>dy)
-        xf = _rows(a)
-        with nogil:
-            _sums(gf, xf, &sp, mu, True, acc, o)
-    else:
-        gd = _rows(<cnp.ndarray>dy)
-        xd = _rows(a)
-        with nogil:
-            _sums(gd, xd, &sp, mu, True, acc, o)
+    if cnp.PyArray_SIZE(a) > 0:
+        sp = _split(a, num_threads, 2)
+        acc = _partials(&sp)
+        if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
+            gf = _rows(<cnp.ndarray>dy)
+            xf = _rows(a)
+            with nogil:
+                _sums(gf, xf, &sp, mu, True, acc, o)
+        else:
+            gd = _rows(<cnp.ndarray>dy)
+            xd = _rows(a)
+            with nogil:
+                _sums(gd, xd, &sp, mu, True, acc, o)
+    for c in range(C):
+        if gw.data != NULL:
+            _fput(gw, c, o[C + c] * inv[c])
+        if gb.data != NULL:
+            _fput(gb, c, o[c])
 
 
 # ---------------------------------------------------------------------------

@@ -81,6 +81,17 @@ class Communicator:
     def _allreduce(self, buf: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def allreduce_array_(self, buf: np.ndarray) -> None:
+        """:meth:`allreduce_` for the layer's own buffers: a 1-D C-contiguous
+        float64 NumPy array, taken as it is (no check, no tensor around it:
+        the layer makes these buffers itself, on a path where every call costs)."""
+        self.calls += 1
+        self._allreduce_array(buf)
+
+    def _allreduce_array(self, buf: np.ndarray) -> None:
+        # backends that can take the array directly override this
+        self._allreduce(torch.from_numpy(buf))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size})"
 
@@ -91,6 +102,9 @@ class LocalCommunicator(Communicator):
     name = "local"
 
     def _allreduce(self, buf: torch.Tensor) -> None:
+        pass
+
+    def _allreduce_array(self, buf: np.ndarray) -> None:
         pass
 
 
@@ -109,8 +123,11 @@ class MPICommunicator(Communicator):
         self._size = self.comm.Get_size()
 
     def _allreduce(self, buf: torch.Tensor) -> None:
+        self._allreduce_array(buf.numpy())
+
+    def _allreduce_array(self, buf: np.ndarray) -> None:
         if self._size > 1:
-            self.comm.Allreduce(self._in_place, buf.numpy(), op=self._sum)
+            self.comm.Allreduce(self._in_place, buf, op=self._sum)
 
 
 class TorchCommunicator(Communicator):
@@ -214,6 +231,9 @@ class SharedMemoryCommunicator(Communicator):
         self._segment.close()
 
     def _allreduce(self, buf: torch.Tensor) -> None:
+        self._segment.allreduce(buf.numpy())
+
+    def _allreduce_array(self, buf: np.ndarray) -> None:
         self._segment.allreduce(buf)
 
 
@@ -294,16 +314,16 @@ class _Segment:
         self._flags = self._data = None
         self._finalizer()
 
-    def allreduce(self, buf: torch.Tensor) -> None:
-        n = buf.numel()
+    def allreduce(self, buf: np.ndarray) -> None:
+        n = buf.shape[0]
         if n > self.capacity:  # the same decision on every rank: sizes match
-            self.base.allreduce_(buf)
+            self.base.allreduce_array_(buf)
             return
         flags, data = self._flags, self._data
         if flags is None or data is None:
             raise RuntimeError("SharedMemoryCommunicator: used after close()")
         self._seq = k = self._seq + 1
-        late = _shm.allreduce(flags, data, self.rank, k, buf.numpy(), self.timeout)
+        late = _shm.allreduce(flags, data, self.rank, k, buf, self.timeout)
         if late:
             raise RuntimeError(
                 f"SharedMemoryCommunicator: rank {self.rank} waited {self.timeout:g} s "

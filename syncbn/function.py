@@ -59,6 +59,20 @@ class _Layout:
             a = a.transpose(self.perm)
         return a.reshape(self.kshape) if a.flags.c_contiguous else None
 
+    def new_like(self, t: torch.Tensor, dtype: torch.dtype) -> tuple[np.ndarray, torch.Tensor]:
+        """A new tensor with the strides of ``t`` (which this layout views), and its kernel view.
+
+        ``torch.empty_like`` keeps the strides of a dense tensor and is the
+        cheapest way to a new tensor (no shape to parse).
+        """
+        out = torch.empty_like(t, dtype=dtype)
+        a = out.numpy()
+        if self.rows:
+            a = a.transpose(self.perm)
+        if not a.flags.c_contiguous:  # (never for the tensors the layer passes; a reshape would copy)
+            return self.empty(dtype)
+        return a.reshape(self.kshape), out
+
     def empty(self, dtype: torch.dtype) -> tuple[np.ndarray, torch.Tensor]:
         """A new tensor of logical shape in this layout, and its kernel view."""
         if self.rows:
@@ -81,6 +95,23 @@ def _layout(rows: bool, shape: tuple[int, ...]) -> _Layout:
     return layout
 
 
+# (shape, strides in bytes, item size) of a NumPy view -> the layout the
+# kernels read it in (None: no zero-copy view, the input is copied to
+# contiguous). The item size matters: float64 (2, 4) contiguous and a float32
+# (2, 4) view of every other column have the same strides in bytes.
+_VIEWS: dict[tuple[tuple[int, ...], tuple[int, ...], int], Optional[_Layout]] = {}
+
+
+def _view_layout(a: np.ndarray) -> Optional[_Layout]:
+    shape = a.shape
+    # (N, C, 1, 1) is contiguous both ways: rows keep the channel loop innermost
+    rows = len(shape) == 2 or math.prod(shape[2:]) == 1
+    for layout in (_layout(rows, shape), _layout(True, shape)):
+        if layout.view(a) is not None:
+            return layout
+    return None
+
+
 def _kernel_input(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, _Layout]:
     """``x`` as the kernels read it: (tensor kept alive, numpy view, layout).
 
@@ -89,16 +120,18 @@ def _kernel_input(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, _Layout]:
     """
     if x.dtype not in _KERNEL_DTYPES:
         x = x.float()  # keeps the memory format
-    shape = x.shape
     a = x.numpy(force=True)  # (a view: x is a CPU tensor)
-    # (N, C, 1, 1) is contiguous both ways: rows keep the channel loop innermost
-    rows = len(shape) == 2 or math.prod(shape[2:]) == 1
-    for layout in (_layout(rows, shape), _layout(True, shape)):
-        v = layout.view(a)
-        if v is not None:
-            return x, v, layout
+    key = (a.shape, a.strides, a.itemsize)
+    try:
+        layout = _VIEWS[key]
+    except KeyError:
+        if len(_VIEWS) > 4096:  # a model fed ever new shapes: start over
+            _VIEWS.clear()
+        layout = _VIEWS[key] = _view_layout(a)
+    if layout is not None:
+        return x, (a.transpose(layout.perm) if layout.rows else a).reshape(layout.kshape), layout
     x = x.contiguous()
-    layout = _layout(False, shape)
+    layout = _layout(False, tuple(x.shape))
     return x, x.numpy(force=True).reshape(layout.kshape), layout
 
 
@@ -117,11 +150,6 @@ def _like_input(t: torch.Tensor, layout: _Layout, dtype: torch.dtype) -> np.ndar
     return v
 
 
-# torch dtypes that numpy can view directly (bfloat16 cannot)
-_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
-_NUMPY_VIEWABLE = tuple(_NUMPY_DTYPE)
-
-
 def _param(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
     """A per-channel parameter as the kernels take it: a numpy view of a
     float32/float64 tensor (no copy), float64 for other dtypes."""
@@ -132,11 +160,11 @@ def _param(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
     return t.detach().to(torch.float64).numpy()
 
 
-def _from_vec(v: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """A float64 numpy vector as a new tensor of ``dtype``."""
-    if dtype in _NUMPY_VIEWABLE:
-        return torch.from_numpy(v.astype(_NUMPY_DTYPE[dtype]))
-    return torch.from_numpy(v).to(dtype)
+def _grad_vec(dtype: torch.dtype, C: int) -> tuple[np.ndarray, torch.Tensor]:
+    """A new (C,) parameter gradient: the array a kernel writes, and the tensor
+    over it (float64 for dtypes the kernels do not take: convert after)."""
+    a = np.empty(C, np.float32 if dtype == torch.float32 else np.float64)
+    return a, torch.from_numpy(a)
 
 
 def _running_update(
@@ -146,7 +174,7 @@ def _running_update(
     momentum: Optional[float],
 ) -> tuple[Optional[np.ndarray], Optional[np.ndarray], float]:
     """What finish_stats needs to update the running statistics: the buffers
-    as numpy (None: no update) and this batch's factor.
+    as numpy (None: no update) and this batch's factor; counts the batch.
 
     With momentum None the factor makes a cumulative average
     (1 / batches seen). float16/bfloat16 buffers get float64 copies, written
@@ -154,23 +182,29 @@ def _running_update(
     """
     if running_mean is None or running_var is None:
         return None, None, 0.0
+    factor = momentum
     if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    if momentum is None:
-        factor = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
-    else:
-        factor = momentum
-    return _param(running_mean), _param(running_var), factor
+        # through NumPy: a torch add_ costs several times more on this path
+        # (the version counter is bumped by _running_done)
+        count = num_batches_tracked.numpy()
+        count += 1
+        if factor is None:
+            factor = 1.0 / float(count)
+    return _param(running_mean), _param(running_var), 0.0 if factor is None else factor
 
 
 def _running_done(running_mean: torch.Tensor, running_var: torch.Tensor,
+                  num_batches_tracked: Optional[torch.Tensor],
                   rm: np.ndarray, rv: np.ndarray) -> None:
-    """After finish_stats wrote the running statistics through numpy."""
-    for t, a in ((running_mean, rm), (running_var, rv)):
-        if t.dtype in _KERNEL_DTYPES:
-            increment_version(t)  # what a torch in-place op would do
-        else:
-            t.copy_(torch.from_numpy(a))
+    """After finish_stats wrote the running statistics through numpy: what a
+    torch in-place op would do (bump the version counters), and the copy back
+    of float16/bfloat16 buffers."""
+    if running_mean.dtype not in _KERNEL_DTYPES:
+        running_mean.copy_(torch.from_numpy(rm))
+    if running_var.dtype not in _KERNEL_DTYPES:
+        running_var.copy_(torch.from_numpy(rv))
+    increment_version((running_mean, running_var) if num_batches_tracked is None
+                      else (running_mean, running_var, num_batches_tracked))
 
 
 def _batch_stats(
@@ -182,6 +216,7 @@ def _batch_stats(
     running_var: Optional[torch.Tensor],
     num_batches_tracked: Optional[torch.Tensor],
     momentum: Optional[float],
+    nt: int,
 ) -> tuple[float, Optional[np.ndarray]]:
     """Global count and (3, C) mean, invstd, variance (None for a count of 0).
 
@@ -190,14 +225,12 @@ def _batch_stats(
     decides from reduced values, so on every rank alike). Moves ``shift`` to
     the global mean and updates the running statistics.
     """
-    C = xv.shape[1]
-    nt = torch.get_num_threads()
+    C = shift.shape[0]
     b = np.empty(2 * C + 1)
-    buf = torch.from_numpy(b)
     _kernels.local_stats(xv, shift, b, nt)
     # Every rank joins, even with no samples: the others are waiting in this
     # same collective, and an empty shard contributes exact zeros.
-    comm.allreduce_(buf)
+    comm.allreduce_array_(b)
     n = float(b[2 * C])
     if n == 1:
         raise ValueError(
@@ -213,10 +246,10 @@ def _batch_stats(
     if _kernels.finish_stats(b, shift, eps, stats, True, shift, rm, rv, factor):
         around = stats[0].copy()
         _kernels.local_stats(xv, around, b, nt)
-        comm.allreduce_(buf)
+        comm.allreduce_array_(b)
         _kernels.finish_stats(b, around, eps, stats, False, shift, rm, rv, factor)
     if rm is not None:
-        _running_done(running_mean, running_var, rm, rv)
+        _running_done(running_mean, running_var, num_batches_tracked, rm, rv)
     return n, stats
 
 
@@ -235,13 +268,13 @@ def _forward(
     """Shared forward: output, the kernel-dtype input and its kernel view, the
     layout, the global count and the statistics."""
     xk, xv, layout = _kernel_input(x)
+    nt = torch.get_num_threads()
     n, stats = _batch_stats(xv, shift, eps, comm, running_mean, running_var,
-                            num_batches_tracked, momentum)
+                            num_batches_tracked, momentum, nt)
     if stats is None:
         return torch.empty_like(x), xk, xv, layout, n, stats
-    yv, y = layout.empty(xk.dtype)
-    _kernels.normalize(xv, stats[0], stats[1], _param(weight), _param(bias), yv,
-                       torch.get_num_threads())
+    yv, y = layout.new_like(xk, xk.dtype)
+    _kernels.normalize(xv, stats[0], stats[1], _param(weight), _param(bias), yv, nt)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y, xk, xv, layout, n, stats
@@ -295,17 +328,22 @@ class SyncBatchNormFunction(torch.autograd.Function):
         xv = ctx.xv if ctx.xv is not None else _like_input(x, layout, ctx.kernel_dtype)
         dyv = _like_input(grad_out, layout, ctx.kernel_dtype)
         b = np.empty(2 * C)
-        buf = torch.from_numpy(b)
         nt = torch.get_num_threads()
-        _kernels.backward_reduce(dyv, xv, stats[0], b, nt)
-        # parameter gradients are local sums, taken before the buffer is reduced
-        grad_w = _from_vec(b[C:] * stats[1], weight.dtype) if need_w else None
-        grad_b = _from_vec(b[:C], ctx.bias_dtype) if need_b else None
+        # parameter gradients are local sums, written before the buffer is reduced
+        gw, grad_w = _grad_vec(weight.dtype, C) if need_w else (None, None)
+        gb, grad_b = _grad_vec(ctx.bias_dtype, C) if need_b else (None, None)
+        _kernels.backward_reduce(dyv, xv, stats[0], b, nt, stats[1], gw, gb)
+        if grad_w is not None and grad_w.dtype != weight.dtype:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None and grad_b.dtype != ctx.bias_dtype:
+            grad_b = grad_b.to(ctx.bias_dtype)
         grad_x = None
         if need_x:
-            comm.allreduce_(buf)
+            comm.allreduce_array_(b)
             b /= ctx.count   # the global means of dy and of dy * (x - mean)
-            dxv, grad_x = layout.empty(ctx.kernel_dtype)
+            # (x is in this layout when the kernels read it in place)
+            dxv, grad_x = (layout.new_like(x, ctx.kernel_dtype) if ctx.xv is not None
+                           else layout.empty(ctx.kernel_dtype))
             _kernels.backward_input(dyv, xv, stats[0], stats[1], _param(weight),
                                     b[:C], b[C:], dxv, nt)
             if grad_x.dtype != ctx.input_dtype:

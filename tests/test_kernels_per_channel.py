@@ -104,3 +104,33 @@ def test_float32_parameters_act_like_their_float64_values(x_dtype: type) -> None
     with pytest.raises(TypeError, match=r"weight: expected a 1-D float32 or float64 numpy.ndarray "
                                         r"of length 4 \(got float16"):
         _kernels.normalize(x, mean, invstd, w32.astype(np.float16), None, y32, 1)
+
+
+@pytest.mark.parametrize("grad_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 4, 5), (15, 4), (0, 4, 5)])
+def test_backward_reduce_writes_the_parameter_gradients(grad_dtype: type, shape: tuple) -> None:
+    rng = np.random.default_rng(3)
+    x, dy = rng.normal(size=shape), rng.normal(size=shape)
+    mean, invstd = rng.normal(size=4), rng.uniform(0.5, 2.0, size=4)
+    out = np.empty(8)
+    gw, gb = np.full(4, np.nan, grad_dtype), np.full(4, np.nan, grad_dtype)
+    _kernels.backward_reduce(dy, x, mean, out, 1, invstd, gw, gb)
+    axes = (0, 2) if len(shape) == 3 else 0
+    sum_dy = dy.sum(axes)
+    sum_dy_xmu = (dy * (x - (mean[:, None] if len(shape) == 3 else mean))).sum(axes)
+    np.testing.assert_allclose(out, np.concatenate([sum_dy, sum_dy_xmu]), rtol=1e-12, atol=1e-12)
+    rtol = 1e-6 if grad_dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(gw, sum_dy_xmu * invstd, rtol=rtol, atol=1e-12)
+    np.testing.assert_allclose(gb, sum_dy, rtol=rtol, atol=1e-12)
+    # negative control: without the invstd factor the weight gradient would differ
+    if shape[0]:
+        assert not np.allclose(gw, sum_dy_xmu, rtol=rtol)
+    # either output alone; grad_weight needs invstd
+    gb2 = np.empty(4, grad_dtype)
+    _kernels.backward_reduce(dy, x, mean, out, 1, None, None, gb2)
+    np.testing.assert_array_equal(gb2, gb)
+    with pytest.raises(TypeError, match=r"invstd: expected a 1-D float64 numpy.ndarray of length 4 "
+                                        r"\(got NoneType\)"):
+        _kernels.backward_reduce(dy, x, mean, out, 1, None, gw)
+    with pytest.raises(ValueError, match=r"grad_bias: expected length 4 \(got 3\)"):
+        _kernels.backward_reduce(dy, x, mean, out, 1, invstd, gw, np.empty(3, grad_dtype))

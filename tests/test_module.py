@@ -163,6 +163,19 @@ def test_non_contiguous_inputs(make) -> None:
     torch.testing.assert_close(ours.running_var, ref.running_var, **TOL[torch.float64])
 
 
+def test_same_byte_strides_in_another_dtype() -> None:
+    # A float64 (N, C) contiguous input and a float32 view of every other
+    # column of a (N, 2C) tensor have the same strides in bytes: the layout
+    # chosen for the first (viewed in place) must not be reused for the second.
+    gen = torch.Generator().manual_seed(0)
+    wide = torch.randn(6, 2 * C, generator=gen)
+    for x in (wide.double()[:, :C].contiguous(), wide[:, ::2]):
+        assert x.shape == (6, C)
+        ours, ref = _make_pair(nn.BatchNorm1d, x.dtype)
+        torch.testing.assert_close(ours(x), ref(x), **TOL[x.dtype])
+    assert wide[:, ::2].stride() == (2 * C, 2) and wide[:, ::2].element_size() == 4
+
+
 def test_expanded_output_gradient() -> None:
     # an output gradient with stride 0 (from expand) and a channels-last input
     ours, ref = _make_pair(nn.BatchNorm2d, torch.float64)
