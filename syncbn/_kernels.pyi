@@ -56,8 +56,9 @@ def backward_input(
     mean_dy_xmu: Vec,
     out: Data,
     num_threads: int = 0,
+    count: float = 1.0,
 ) -> None:
-    """out = (dy - mean_dy - (x - mean) * invstd**2 * mean_dy_xmu) * invstd * weight.
+    """out = (dy - mean_dy / count - (x - mean) * invstd**2 * mean_dy_xmu / count) * invstd * weight.
 
     Arithmetic in the dtype of the data, centred like normalize; out may be dy or x.
     """
@@ -74,13 +75,15 @@ def finish_stats(
     next_shift: Optional[Vec] = None,
     running_mean: Optional[npt.NDArray[np.floating]] = None,
     running_var: Optional[npt.NDArray[np.floating]] = None,
-    factor: float = 0.0,
+    factor: Optional[float] = 0.0,
+    num_batches_tracked: Optional[npt.NDArray[np.int64]] = None,
 ) -> bool:
     """stats (3, C) = mean, invstd, biased variance from reduced local_stats sums.
 
     Returns True (only stats[0], the better shift, written) when refine is set
     and some channel has (mean - shift)**2 > REFINE * var: sum again around
     stats[0] and call back with refine=False. Otherwise copies the finite
-    means to next_shift, updates the running statistics (float32 or float64,
-    torch's formula, unbiased variance) and returns False.
+    means to next_shift, adds 1 to num_batches_tracked, updates the running
+    statistics (float32 or float64, torch's formula, unbiased variance; factor
+    None: 1 / num_batches_tracked) and returns False.
     """

@@ -46,6 +46,7 @@ cimport cython
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport INFINITY, isfinite, sqrt
+from libc.stdint cimport int64_t
 
 import numpy as np
 
@@ -223,6 +224,19 @@ cdef inline double _fat(FVec f, Py_ssize_t c, double absent) noexcept nogil:
     if f.data == NULL:
         return absent
     return (<float*>f.data)[c] if f.single else (<double*>f.data)[c]
+
+
+cdef int64_t* _counter(str name, object v) except? NULL:
+    """The int64 of a one-element writeable int64 array (any number of
+    dimensions: a 0-d view of a tensor's counter will do), or NULL for None."""
+    if v is None:
+        return NULL
+    if (not isinstance(v, np.ndarray) or cnp.PyArray_TYPE(<cnp.ndarray>v) != cnp.NPY_INT64
+            or cnp.PyArray_ISBYTESWAPPED(<cnp.ndarray>v) or cnp.PyArray_SIZE(<cnp.ndarray>v) != 1):
+        raise TypeError(f"{name}: expected an int64 numpy.ndarray of one element "
+                        f"(got {_describe(v)})")
+    _check_layout(name, <cnp.ndarray>v, True)
+    return <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>v)
 
 
 cdef inline void _fput(FVec f, Py_ssize_t c, double v) noexcept nogil:
@@ -876,15 +890,18 @@ def backward_input(
     mean,                   # IN  (C,) float64
     invstd,                 # IN  (C,) float64
     weight,                 # IN  (C,) float32/float64 or None (= 1)
-    mean_dy,                # IN  (C,) float64: global sum(dy) / count
-    mean_dy_xmu,            # IN  (C,) float64: global sum(dy * (x - mean)) / count
+    mean_dy,                # IN  (C,) float64: global sum(dy) (/ count)
+    mean_dy_xmu,            # IN  (C,) float64: global sum(dy * (x - mean)) (/ count)
     out,                    # OUT like x: gradient of the input (may be dy or x itself)
     int num_threads=0,
+    double count=1.0,       # IN  mean_dy and mean_dy_xmu are divided by it
 ):
     """``out = (dy - mean_dy - (x - mean) * invstd**2 * mean_dy_xmu) * invstd * weight``.
 
     Folded into ``dy * a + ((x - mean) * b + k)`` per channel, one pass in the
-    dtype of the data, centred as in normalize (see _float_coefs).
+    dtype of the data, centred as in normalize (see _float_coefs). With
+    ``count``, mean_dy and mean_dy_xmu may be the global sums themselves (the
+    reduced buffer of backward_reduce), divided here.
     """
     cdef Py_ssize_t C = _check_data("dy", dy)
     _check_same("x", x, "dy", <cnp.ndarray>dy)
@@ -897,6 +914,8 @@ def backward_input(
     cdef Py_ssize_t c
     cdef double a
     cdef double[:, ::1] coef
+    if not count > 0.0:
+        raise ValueError(f"count: expected a positive number (got {count})")
     if cnp.PyArray_SIZE(<cnp.ndarray>dy) == 0:
         return
     coef = _coefs(C)
@@ -904,8 +923,8 @@ def backward_input(
         a = inv[c] * _fat(w, c, 1.0)
         coef[0, c] = mu[c]
         coef[1, c] = a
-        coef[2, c] = -a * inv[c] * inv[c] * mdx[c]
-        coef[3, c] = -a * mdy[c]
+        coef[2, c] = -a * inv[c] * inv[c] * (mdx[c] / count)
+        coef[3, c] = -a * (mdy[c] / count)
     _affine_pass(<cnp.ndarray>dy, <cnp.ndarray>x, <cnp.ndarray>out, coef, num_threads)
 
 
@@ -945,7 +964,9 @@ def finish_stats(
     next_shift=None,        # OUT (C,) float64 or None: the mean where finite
     running_mean=None,      # IN/OUT (C,) float32/float64 or None: running statistics
     running_var=None,       # IN/OUT like running_mean (unbiased variance)
-    double factor=0.0,      # IN  weight of this batch in the running statistics
+    factor=0.0,             # IN  weight of this batch in the running statistics;
+                            #     None: 1 / batches seen (a cumulative average)
+    num_batches_tracked=None,  # IN/OUT int64 array of one element or None: += 1
 ):
     """Mean, invstd and variance from the reduced sums; running statistics.
 
@@ -956,8 +977,10 @@ def finish_stats(
     test uses reduced values only, so every rank decides alike.
 
     Otherwise writes the statistics, copies the finite means to
-    ``next_shift``, updates ``running_mean`` / ``running_var`` with torch's
-    formula (``var * n / (n - 1)`` for the variance), and returns False.
+    ``next_shift``, counts the batch in ``num_batches_tracked``, updates
+    ``running_mean`` / ``running_var`` with torch's formula (``var * n / (n - 1)``
+    for the variance; ``factor`` None: ``1 / num_batches_tracked``, 0 without
+    a counter), and returns False.
     The count ``sums[2C]`` must be at least 1 (the caller handles 0).
 
     (Per-channel loops over validated raw pointers: acquiring a typed
@@ -978,6 +1001,8 @@ def finish_stats(
     cdef double* nxt = _ptr(_vec("next_shift", next_shift, C, True, True))
     cdef FVec rm = _fvec("running_mean", running_mean, C, True)
     cdef FVec rv = _fvec("running_var", running_var, C, True)
+    cdef int64_t* batches = _counter("num_batches_tracked", num_batches_tracked)
+    cdef double f = 0.0 if factor is None else <double>factor
     cdef double n = b[2 * C], d, v
     cdef Py_ssize_t c
     cdef bint far = False
@@ -1006,6 +1031,10 @@ def finish_stats(
         for c in range(C):
             if isfinite(mean[c]):
                 nxt[c] = mean[c]
-    _lerp(rm, mean, 1.0, factor, C)
-    _lerp(rv, var, n / (n - 1.0) if n > 1.0 else INFINITY, factor, C)
+    if batches != NULL:
+        batches[0] += 1
+        if factor is None:
+            f = 1.0 / <double>batches[0]
+    _lerp(rm, mean, 1.0, f, C)
+    _lerp(rv, var, n / (n - 1.0) if n > 1.0 else INFINITY, f, C)
     return False

@@ -171,26 +171,14 @@ def _running_update(
     running_mean: Optional[torch.Tensor],
     running_var: Optional[torch.Tensor],
     num_batches_tracked: Optional[torch.Tensor],
-    momentum: Optional[float],
-) -> tuple[Optional[np.ndarray], Optional[np.ndarray], float]:
-    """What finish_stats needs to update the running statistics: the buffers
-    as numpy (None: no update) and this batch's factor; counts the batch.
-
-    With momentum None the factor makes a cumulative average
-    (1 / batches seen). float16/bfloat16 buffers get float64 copies, written
-    back by :func:`_running_done`.
-    """
+) -> tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
+    """The running statistics and the batch counter as finish_stats updates
+    them (NumPy views; float64 copies of float16/bfloat16 buffers, written back
+    by :func:`_running_done`), or Nones: no update."""
     if running_mean is None or running_var is None:
-        return None, None, 0.0
-    factor = momentum
-    if num_batches_tracked is not None:
-        # through NumPy: a torch add_ costs several times more on this path
-        # (the version counter is bumped by _running_done)
-        count = num_batches_tracked.numpy()
-        count += 1
-        if factor is None:
-            factor = 1.0 / float(count)
-    return _param(running_mean), _param(running_var), 0.0 if factor is None else factor
+        return None, None, None
+    return (_param(running_mean), _param(running_var),
+            None if num_batches_tracked is None else num_batches_tracked.numpy())
 
 
 def _running_done(running_mean: torch.Tensor, running_var: torch.Tensor,
@@ -239,15 +227,16 @@ def _batch_stats(
     if n == 0:
         return 0.0, None
     stats = np.empty((3, C))
-    rm, rv, factor = _running_update(running_mean, running_var, num_batches_tracked, momentum)
+    rm, rv, batches = _running_update(running_mean, running_var, num_batches_tracked)
     # The next call's common shift is this call's global mean: identical on
     # every rank (it comes out of the allreduce) and close to the next
     # batch's mean, which keeps the shifted sums free of cancellation.
-    if _kernels.finish_stats(b, shift, eps, stats, True, shift, rm, rv, factor):
+    # (momentum None: finish_stats makes the cumulative average.)
+    if _kernels.finish_stats(b, shift, eps, stats, True, shift, rm, rv, momentum, batches):
         around = stats[0].copy()
         _kernels.local_stats(xv, around, b, nt)
         comm.allreduce_array_(b)
-        _kernels.finish_stats(b, around, eps, stats, False, shift, rm, rv, factor)
+        _kernels.finish_stats(b, around, eps, stats, False, shift, rm, rv, momentum, batches)
     if rm is not None:
         _running_done(running_mean, running_var, num_batches_tracked, rm, rv)
     return n, stats
@@ -264,20 +253,22 @@ def _forward(
     eps: float,
     momentum: Optional[float],
     comm: Communicator,
-) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, _Layout, float, Optional[np.ndarray]]:
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, _Layout, float, Optional[np.ndarray],
+           Optional[np.ndarray]]:
     """Shared forward: output, the kernel-dtype input and its kernel view, the
-    layout, the global count and the statistics."""
+    layout, the global count, the statistics and the weight as the kernels took it."""
     xk, xv, layout = _kernel_input(x)
     nt = torch.get_num_threads()
     n, stats = _batch_stats(xv, shift, eps, comm, running_mean, running_var,
                             num_batches_tracked, momentum, nt)
+    wv = _param(weight)
     if stats is None:
-        return torch.empty_like(x), xk, xv, layout, n, stats
+        return torch.empty_like(x), xk, xv, layout, n, stats, wv
     yv, y = layout.new_like(xk, xk.dtype)
-    _kernels.normalize(xv, stats[0], stats[1], _param(weight), _param(bias), yv, nt)
+    _kernels.normalize(xv, stats[0], stats[1], wv, _param(bias), yv, nt)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    return y, xk, xv, layout, n, stats
+    return y, xk, xv, layout, n, stats, wv
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -297,57 +288,54 @@ class SyncBatchNormFunction(torch.autograd.Function):
         momentum: Optional[float],
         comm: Communicator,
     ) -> torch.Tensor:
-        y, xk, xv, layout, n, stats = _forward(x, weight, bias, running_mean, running_var,
-                                               num_batches_tracked, shift, eps, momentum, comm)
+        y, xk, xv, layout, n, stats, wv = _forward(x, weight, bias, running_mean, running_var,
+                                                   num_batches_tracked, shift, eps, momentum, comm)
         # Saved: the tensor the kernels read (the input itself, unless it
         # needed a copy); a float16/bfloat16 input is saved as it came and
         # widened again in backward, so it costs no more memory than torch's.
+        # The saved tensors are autograd's check that neither x nor the weight
+        # changed in place before the backward, which reuses their views.
         same = xk.dtype == x.dtype
         ctx.save_for_backward(xk if same else x, weight)
-        ctx.xv = xv if same else None   # its kernel view, which backward reuses
-        ctx.input_dtype, ctx.kernel_dtype = x.dtype, xk.dtype
-        ctx.layout, ctx.count, ctx.stats, ctx.comm = layout, n, stats, comm
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.state = (xv if same else None, wv, layout, n, stats, comm,
+                     x.dtype, xk.dtype, None if bias is None else bias.dtype)
         return y
 
     @staticmethod
     @once_differentiable  # the backward is numpy + kernels: no graph to differentiate again
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         x, weight = ctx.saved_tensors  # (also autograd's check that x was not modified)
-        layout: _Layout = ctx.layout
-        stats: Optional[np.ndarray] = ctx.stats
-        comm: Communicator = ctx.comm
+        xv, wv, layout, count, stats, comm, input_dtype, kernel_dtype, bias_dtype = ctx.state
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         C = x.shape[1]
         if stats is None:
             # every rank saw a global count of 0 and skips the collective alike
-            return (torch.zeros_like(grad_out, dtype=ctx.input_dtype) if need_x else None,
+            return (torch.zeros_like(grad_out, dtype=input_dtype) if need_x else None,
                     torch.zeros(C, dtype=weight.dtype) if need_w else None,
-                    torch.zeros(C, dtype=ctx.bias_dtype) if need_b else None,
+                    torch.zeros(C, dtype=bias_dtype) if need_b else None,
                     *([None] * 7))
-        xv = ctx.xv if ctx.xv is not None else _like_input(x, layout, ctx.kernel_dtype)
-        dyv = _like_input(grad_out, layout, ctx.kernel_dtype)
+        in_place = xv is not None   # the kernels read x itself, in this layout
+        if not in_place:
+            xv = _like_input(x, layout, kernel_dtype)
+        dyv = _like_input(grad_out, layout, kernel_dtype)
         b = np.empty(2 * C)
         nt = torch.get_num_threads()
         # parameter gradients are local sums, written before the buffer is reduced
         gw, grad_w = _grad_vec(weight.dtype, C) if need_w else (None, None)
-        gb, grad_b = _grad_vec(ctx.bias_dtype, C) if need_b else (None, None)
+        gb, grad_b = _grad_vec(bias_dtype, C) if need_b else (None, None)
         _kernels.backward_reduce(dyv, xv, stats[0], b, nt, stats[1], gw, gb)
         if grad_w is not None and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
-        if grad_b is not None and grad_b.dtype != ctx.bias_dtype:
-            grad_b = grad_b.to(ctx.bias_dtype)
+        if grad_b is not None and grad_b.dtype != bias_dtype:
+            grad_b = grad_b.to(bias_dtype)
         grad_x = None
         if need_x:
-            comm.allreduce_array_(b)
-            b /= ctx.count   # the global means of dy and of dy * (x - mean)
-            # (x is in this layout when the kernels read it in place)
-            dxv, grad_x = (layout.new_like(x, ctx.kernel_dtype) if ctx.xv is not None
-                           else layout.empty(ctx.kernel_dtype))
-            _kernels.backward_input(dyv, xv, stats[0], stats[1], _param(weight),
-                                    b[:C], b[C:], dxv, nt)
-            if grad_x.dtype != ctx.input_dtype:
-                grad_x = grad_x.to(ctx.input_dtype)
+            comm.allreduce_array_(b)   # (backward_input divides by the count)
+            dxv, grad_x = (layout.new_like(x, kernel_dtype) if in_place
+                           else layout.empty(kernel_dtype))
+            _kernels.backward_input(dyv, xv, stats[0], stats[1], wv, b[:C], b[C:], dxv, nt, count)
+            if grad_x.dtype != input_dtype:
+                grad_x = grad_x.to(input_dtype)
         return (grad_x, grad_w, grad_b, *([None] * 7))
 
 

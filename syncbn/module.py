@@ -150,7 +150,7 @@ class SyncBatchNorm(_BatchNorm):
             raise TypeError(
                 "SyncBatchNorm: expected a floating-point input (float32, float64, "
                 f"float16 or bfloat16) (got {input.dtype})")
-        if input.device.type != "cpu":
+        if not input.is_cpu:
             raise ValueError(
                 f"SyncBatchNorm: expected a CPU tensor (got device {input.device}); "
                 "for GPUs use torch.nn.SyncBatchNorm")
@@ -199,17 +199,23 @@ class SyncBatchNorm(_BatchNorm):
             # raises on every rank instead of leaving the others waiting
             self._check_agreement(input)
         self._check_input(input)
-        # Same decisions as torch.nn.modules.batchnorm._BatchNorm.forward
-        # (each buffer looked up once: module attribute lookups cost on this path).
-        running_mean, running_var = self.running_mean, self.running_var
+        # Same decisions as torch.nn.modules.batchnorm._BatchNorm.forward.
+        # Parameters and buffers straight from their dicts (Module.__getattr__
+        # costs on this path); through getattr if something (a
+        # parametrization, weight norm) has taken one out of them.
+        params, buffers = self._parameters, self._buffers
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        running_mean = buffers["running_mean"] if "running_mean" in buffers else self.running_mean
+        running_var = buffers["running_var"] if "running_var" in buffers else self.running_var
         if not self.training:
             if running_mean is not None or running_var is not None:
-                return F.batch_norm(input, running_mean, running_var, self.weight,
-                                    self.bias, False, 0.0, self.eps)
+                return F.batch_norm(input, running_mean, running_var, weight,
+                                    bias, False, 0.0, self.eps)
             # Batch statistics in eval (track_running_stats=False) stay local,
             # like torch.nn.SyncBatchNorm; a scratch shift keeps the shared one
             # identical across ranks.
-            return sync_batch_norm(input, self.weight, self.bias, None, None, None,
+            return sync_batch_norm(input, weight, bias, None, None, None,
                                    self._shift.copy(), self.eps, self.momentum, _LOCAL)
         comm = self._comm if self._comm is not None else self.communicator
         if self.debug:
@@ -217,10 +223,11 @@ class SyncBatchNorm(_BatchNorm):
                                     _DTYPE_CODES.get(input.dtype, -1), self._calls)
         tracking = self.track_running_stats
         out = sync_batch_norm(
-            input, self.weight, self.bias,
+            input, weight, bias,
             running_mean if tracking else None,
             running_var if tracking else None,
-            self.num_batches_tracked if tracking else None,
+            (buffers["num_batches_tracked"] if "num_batches_tracked" in buffers
+             else self.num_batches_tracked) if tracking else None,
             self._shift, self.eps, self.momentum, comm)
         if isinstance(comm, _CheckedBackward):
             comm.forward_done = True

@@ -176,6 +176,35 @@ def test_same_byte_strides_in_another_dtype() -> None:
     assert wide[:, ::2].stride() == (2 * C, 2) and wide[:, ::2].element_size() == 4
 
 
+class _Doubled(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2 * w
+
+
+def test_parametrized_weight_is_used() -> None:
+    # a parametrization takes "weight" out of _parameters: the layer must still
+    # see the parametrized value (and train the original through it)
+    from torch.nn.utils import parametrize
+
+    ours, ref = _make_pair(nn.BatchNorm2d, torch.float64)
+    parametrize.register_parametrization(ours, "weight", _Doubled())
+    assert "weight" not in ours._parameters
+    with torch.no_grad():
+        ref.weight.mul_(2)
+    x, g = _batch((4, C, 3, 3), torch.Generator().manual_seed(0), torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), ref(xb)
+    torch.testing.assert_close(ya, yb, **TOL[torch.float64])
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, **TOL[torch.float64])
+    original = ours.parametrizations.weight.original
+    torch.testing.assert_close(original.grad, 2 * ref.weight.grad, **TOL[torch.float64])
+    ours.eval()
+    ref.eval()
+    torch.testing.assert_close(ours(x), ref(x), **TOL[torch.float64])
+
+
 def test_expanded_output_gradient() -> None:
     # an output gradient with stride 0 (from expand) and a channels-last input
     ours, ref = _make_pair(nn.BatchNorm2d, torch.float64)
