@@ -280,16 +280,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
         x: torch.Tensor,
         weight: Optional[torch.Tensor],
         bias: Optional[torch.Tensor],
-        running_mean: Optional[torch.Tensor],
-        running_var: Optional[torch.Tensor],
-        num_batches_tracked: Optional[torch.Tensor],
-        shift: np.ndarray,
-        eps: float,
-        momentum: Optional[float],
-        comm: Communicator,
+        rest: tuple[Any, ...],
     ) -> torch.Tensor:
-        y, xk, xv, layout, n, stats, wv = _forward(x, weight, bias, running_mean, running_var,
-                                                   num_batches_tracked, shift, eps, momentum, comm)
+        # ``rest``: the arguments of _forward after bias (running statistics,
+        # shift, eps, momentum, comm), none differentiable. One argument
+        # instead of seven: Function.apply costs per argument.
+        y, xk, xv, layout, n, stats, wv = _forward(x, weight, bias, *rest)
         # Saved: the tensor the kernels read (the input itself, unless it
         # needed a copy); a float16/bfloat16 input is saved as it came and
         # widened again in backward, so it costs no more memory than torch's.
@@ -297,7 +293,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # changed in place before the backward, which reuses their views.
         same = xk.dtype == x.dtype
         ctx.save_for_backward(xk if same else x, weight)
-        ctx.state = (xv if same else None, wv, layout, n, stats, comm,
+        ctx.state = (xv if same else None, wv, layout, n, stats, rest[-1],  # (comm)
                      x.dtype, xk.dtype, None if bias is None else bias.dtype)
         return y
 
@@ -312,8 +308,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # every rank saw a global count of 0 and skips the collective alike
             return (torch.zeros_like(grad_out, dtype=input_dtype) if need_x else None,
                     torch.zeros(C, dtype=weight.dtype) if need_w else None,
-                    torch.zeros(C, dtype=bias_dtype) if need_b else None,
-                    *([None] * 7))
+                    torch.zeros(C, dtype=bias_dtype) if need_b else None, None)
         in_place = xv is not None   # the kernels read x itself, in this layout
         if not in_place:
             xv = _like_input(x, layout, kernel_dtype)
@@ -336,7 +331,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             _kernels.backward_input(dyv, xv, stats[0], stats[1], wv, b[:C], b[C:], dxv, nt, count)
             if grad_x.dtype != input_dtype:
                 grad_x = grad_x.to(input_dtype)
-        return (grad_x, grad_w, grad_b, *([None] * 7))
+        return grad_x, grad_w, grad_b, None
 
 
 def sync_batch_norm(
@@ -372,7 +367,7 @@ def sync_batch_norm(
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad))
     if needs_grad:
-        return SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var,
-                                           num_batches_tracked, shift, eps, momentum, comm)
+        return SyncBatchNormFunction.apply(x, weight, bias, (
+            running_mean, running_var, num_batches_tracked, shift, eps, momentum, comm))
     return _forward(x, weight, bias, running_mean, running_var, num_batches_tracked,
                     shift, eps, momentum, comm)[0]
