@@ -1,7 +1,9 @@
 """Communicators: one in-place SUM allreduce of a float64 buffer, three backends.
 
 The layer needs exactly one collective per pass, so the whole interface is
-``rank``, ``size`` and ``allreduce_(buffer)``. Backends:
+``rank``, ``size`` and ``allreduce_(buffer)`` (a tensor; the layer calls
+``allreduce_array_`` with a NumPy buffer, which a backend that only
+implements ``_allreduce`` serves through a tensor view). Backends:
 
 * :class:`MPICommunicator` over an mpi4py communicator (``Allreduce`` with
   ``MPI.IN_PLACE``), including sub-communicators from ``Split``;

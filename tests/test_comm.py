@@ -249,6 +249,26 @@ def test_abstract_communicator() -> None:
     assert (comm.rank, comm.size) == (0, 1)
 
 
+def test_allreduce_array_through_a_tensor_only_backend() -> None:
+    # a backend that implements only _allreduce (a tensor) serves the layer's
+    # NumPy path through a view of the same memory, and counts it
+    seen = []
+
+    class Doubling(Communicator):
+        def _allreduce(self, buf: torch.Tensor) -> None:
+            seen.append(buf)
+            buf.mul_(2)
+
+    comm = Doubling()
+    a = np.array([1.0, -3.0, 0.5])
+    comm.allreduce_array_(a)
+    assert a.tolist() == [2.0, -6.0, 1.0] and comm.calls == 1
+    assert isinstance(seen[0], torch.Tensor) and np.shares_memory(seen[0].numpy(), a)
+    local = LocalCommunicator()
+    local.allreduce_array_(a)
+    assert a.tolist() == [2.0, -6.0, 1.0] and local.calls == 1
+
+
 # --- gather_values ------------------------------------------------------------
 
 def test_gather_values_local() -> None:
