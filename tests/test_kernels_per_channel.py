@@ -134,3 +134,50 @@ def test_backward_reduce_writes_the_parameter_gradients(grad_dtype: type, shape:
         _kernels.backward_reduce(dy, x, mean, out, 1, None, gw)
     with pytest.raises(ValueError, match=r"grad_bias: expected length 4 \(got 3\)"):
         _kernels.backward_reduce(dy, x, mean, out, 1, invstd, gw, np.empty(3, grad_dtype))
+
+
+def test_finish_stats_counts_the_batch_once_and_makes_the_cumulative_average() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.normal(2.0, 1.0, size=(30, 3))
+    shift = np.zeros(3)
+    rm, rv = np.full(3, 10.0), np.full(3, 10.0)
+    count = np.array(3, dtype=np.int64)          # a 0-d view, like a tensor's counter
+    stats = np.empty((3, 3))
+    assert not _kernels.finish_stats(sums_of(x, shift), shift, 1e-5, stats, True, None,
+                                     rm, rv, None, count)
+    assert int(count) == 4
+    # factor None: 1 / batches seen, after counting this one
+    np.testing.assert_allclose(rm, 0.75 * 10.0 + 0.25 * x.mean(0), rtol=1e-13)
+    np.testing.assert_allclose(rv, 0.75 * 10.0 + 0.25 * x.var(0, ddof=1), rtol=1e-13)
+    # a numeric factor wins over the counter, which still counts
+    _kernels.finish_stats(sums_of(x, shift), shift, 1e-5, stats, True, None, rm, rv, 0.0, count)
+    assert int(count) == 5
+    np.testing.assert_allclose(rm, 0.75 * 10.0 + 0.25 * x.mean(0), rtol=1e-13)
+    # a pass that asks for a second one counts nothing: its second call counts
+    far = x + 1e6
+    assert _kernels.finish_stats(sums_of(far, shift), shift, 1e-5, stats, True, None,
+                                 rm, rv, None, count)
+    assert int(count) == 5
+    # without a counter, factor None leaves the running statistics alone
+    rm0 = rm.copy()
+    _kernels.finish_stats(sums_of(x, shift), shift, 1e-5, stats, True, None, rm, rv, None)
+    np.testing.assert_array_equal(rm, rm0)
+    with pytest.raises(TypeError, match=r"num_batches_tracked: expected an int64 numpy.ndarray "
+                                        r"of one element \(got float64"):
+        _kernels.finish_stats(sums_of(x, shift), shift, 1e-5, stats, True, None, rm, rv, None,
+                              np.zeros(1))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_input_divides_the_sums_by_count(dtype: type) -> None:
+    rng = np.random.default_rng(5)
+    x, dy = rng.normal(size=(3, 4, 5)).astype(dtype), rng.normal(size=(3, 4, 5)).astype(dtype)
+    mean, invstd = rng.normal(size=4), rng.uniform(0.5, 2.0, size=4)
+    sums = rng.normal(size=8) * 15.0
+    by_count, by_means = np.empty_like(x), np.empty_like(x)
+    _kernels.backward_input(dy, x, mean, invstd, None, sums[:4], sums[4:], by_count, 1, 15.0)
+    _kernels.backward_input(dy, x, mean, invstd, None, sums[:4] / 15.0, sums[4:] / 15.0,
+                            by_means, 1)
+    np.testing.assert_allclose(by_count, by_means, rtol=1e-5 if dtype == np.float32 else 1e-12)
+    with pytest.raises(ValueError, match=r"count: expected a positive number \(got 0.0\)"):
+        _kernels.backward_input(dy, x, mean, invstd, None, sums[:4], sums[4:], by_count, 1, 0.0)
