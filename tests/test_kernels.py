@@ -4,7 +4,7 @@ Every kernel is run on both dtypes and all three layouts the torch layer hands
 it: channels-first ``(N, C, L)``, rows ``(M, C)`` as a channels-last tensor
 gives them, and 2-D input. Shapes cover the empty and degenerate cases, odd
 sizes that are not multiples of the vector width, and sizes large enough for
-several threads (the kernels use one thread per 32768 values), including the
+several threads (the kernels use one thread per 65536 values), including the
 splits the kernels make for few long runs and for many short ones.
 """
 from __future__ import annotations
@@ -40,12 +40,12 @@ SHAPES = {
     "L=0": (2, 3, 0),
     "odd 4-D": (3, 7, 5, 3),
     # several threads: many short runs (reduced channel by channel) ...
-    "many short runs": (64, 11, 150),
+    "many short runs": (128, 11, 150),
     # ... long runs (reduced in memory order) ...
-    "long runs": (3, 9, 4099),
+    "long runs": (3, 17, 4099),
     # ... and few runs cut into pieces (C small, N * L large)
-    "few long runs": (1, 2, 70001),
-    "one run": (1, 1, 140003),
+    "few long runs": (1, 2, 140001),
+    "one run": (1, 1, 280003),
 }
 
 LAYOUTS = ["channels_first", "channels_last", "2d"]
