@@ -66,12 +66,9 @@ class _Layout:
         cheapest way to a new tensor (no shape to parse).
         """
         out = torch.empty_like(t, dtype=dtype)
-        a = out.numpy()
-        if self.rows:
-            a = a.transpose(self.perm)
-        if not a.flags.c_contiguous:  # (never for the tensors the layer passes; a reshape would copy)
-            return self.empty(dtype)
-        return a.reshape(self.kshape), out
+        v = self.view(out.numpy())
+        # (None never for the tensors the layer passes)
+        return (v, out) if v is not None else self.empty(dtype)
 
     def empty(self, dtype: torch.dtype) -> tuple[np.ndarray, torch.Tensor]:
         """A new tensor of logical shape in this layout, and its kernel view."""
@@ -129,7 +126,7 @@ def _kernel_input(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, _Layout]:
             _VIEWS.clear()
         layout = _VIEWS[key] = _view_layout(a)
     if layout is not None:
-        return x, (a.transpose(layout.perm) if layout.rows else a).reshape(layout.kshape), layout
+        return x, layout.view(a), layout  # (a view: the layout was found for these strides)
     x = x.contiguous()
     layout = _layout(False, tuple(x.shape))
     return x, x.numpy(force=True).reshape(layout.kshape), layout

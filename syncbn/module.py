@@ -193,6 +193,13 @@ class SyncBatchNorm(_BatchNorm):
             "\nEvery rank must call every synchronized layer the same number of times, in "
             "the same order and mode, with the same number of channels and dtype.")
 
+    def _member(self, table: dict[str, Any], name: str) -> Any:
+        """``getattr(self, name)`` for a parameter or buffer, straight from its
+        table when it is there (Module.__getattr__ costs on the forward path);
+        through getattr when something (a parametrization, weight norm) has
+        taken it out."""
+        return table[name] if name in table else getattr(self, name)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.debug:
             # before local validation, so that a bad input on one rank
@@ -200,14 +207,10 @@ class SyncBatchNorm(_BatchNorm):
             self._check_agreement(input)
         self._check_input(input)
         # Same decisions as torch.nn.modules.batchnorm._BatchNorm.forward.
-        # Parameters and buffers straight from their dicts (Module.__getattr__
-        # costs on this path); through getattr if something (a
-        # parametrization, weight norm) has taken one out of them.
         params, buffers = self._parameters, self._buffers
-        weight = params["weight"] if "weight" in params else self.weight
-        bias = params["bias"] if "bias" in params else self.bias
-        running_mean = buffers["running_mean"] if "running_mean" in buffers else self.running_mean
-        running_var = buffers["running_var"] if "running_var" in buffers else self.running_var
+        weight, bias = self._member(params, "weight"), self._member(params, "bias")
+        running_mean = self._member(buffers, "running_mean")
+        running_var = self._member(buffers, "running_var")
         if not self.training:
             if running_mean is not None or running_var is not None:
                 return F.batch_norm(input, running_mean, running_var, weight,
@@ -226,8 +229,7 @@ class SyncBatchNorm(_BatchNorm):
             input, weight, bias,
             running_mean if tracking else None,
             running_var if tracking else None,
-            (buffers["num_batches_tracked"] if "num_batches_tracked" in buffers
-             else self.num_batches_tracked) if tracking else None,
+            self._member(buffers, "num_batches_tracked") if tracking else None,
             self._shift, self.eps, self.momentum, comm)
         if isinstance(comm, _CheckedBackward):
             comm.forward_done = True
