@@ -6,9 +6,10 @@ combines them across processes.
 """
 from .comm import Communicator, get_communicator
 from .launch import init_process_group_from_mpi
-from .module import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from .module import BatchNorm, SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
 __all__ = [
+    "BatchNorm",
     "Communicator",
     "SyncBatchNorm",
     "convert_sync_batchnorm",

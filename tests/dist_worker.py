@@ -152,7 +152,7 @@ class TorchContext(Context):
     def expected_comm(self, label: str) -> tuple[type, int]:
         # None and a ProcessGroup resolve to shared memory (the launch is on
         # one host); "torch" and a TorchCommunicator stay on gloo
-        shm = label in ("auto", "world_group", "subgroup") and syncbn.comm._shm_enabled()
+        shm = label in ("auto", "world_group", "subgroup") and syncbn.comm.shm.shm_enabled()
         return (SharedMemoryCommunicator if shm else TorchCommunicator,
                 2 if label == "subgroup" else self.size)
 
@@ -448,7 +448,7 @@ def case_collective_count(ctx: Context) -> Checker:
                   str(backend_count()))
         chk.check("layer calls in eval", [l.communicator.calls for l in layers] == [7, 7],
                   str([l.communicator.calls for l in layers]))
-        if isinstance(ctx, TorchContext) and syncbn.comm._shm_enabled():
+        if isinstance(ctx, TorchContext) and syncbn.comm.shm.shm_enabled():
             # the default, shared memory on this host: no torch.distributed
             # collective at all once the group's segment exists
             layer = syncbn.SyncBatchNorm(C)

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from syncbn import SyncBatchNorm
+from syncbn.comm import detect_launcher
 
 WORLD_MIN = 2
 C = 4
@@ -39,7 +40,7 @@ C = 4
 
 def setup() -> tuple[Any, int, int, str]:
     """(process_group spec, rank, size, backend name) from the launcher's environment."""
-    if "TORCHELASTIC_RUN_ID" in os.environ or "MASTER_ADDR" in os.environ:
+    if detect_launcher().name == "torchrun":
         import torch.distributed as dist
 
         dist.init_process_group("gloo")

@@ -236,11 +236,11 @@ def case_fallback(base: Communicator, failure: str) -> list[str]:
     elif failure == "attach_fails" and base.rank == 0:
         undo, created = _patched_segments("")  # only records the name it creates
     elif failure == "hosts_differ" and base.rank == base.size - 1:
-        real_host_id = syncbn.comm._host_id
-        syncbn.comm._host_id = lambda: real_host_id() + 1.0
+        real_host_id = syncbn.comm.shm.host_id
+        syncbn.comm.shm.host_id = lambda: real_host_id() + 1.0
 
         def undo() -> None:
-            syncbn.comm._host_id = real_host_id
+            syncbn.comm.shm.host_id = real_host_id
     try:
         comms = [get_communicator(group), syncbn.SyncBatchNorm(3, process_group=group).communicator]
     finally:

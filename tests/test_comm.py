@@ -97,6 +97,26 @@ def gloo_one_rank() -> Iterator[None]:
 
 # --- selection ---------------------------------------------------------------
 
+
+def test_a_subclass_of_an_mpi4py_communicator_is_accepted(fake_mpi4py: types.ModuleType) -> None:
+    class UserComm(fake_mpi4py.Comm):  # type: ignore[name-defined,misc]
+        """A communicator class defined outside mpi4py, as a user or a library writes one."""
+
+    UserComm.__module__ = __name__
+    user_comm = UserComm(0, 2)
+    comm = SyncBatchNorm(2, process_group=user_comm).communicator
+    assert type(comm) is MPICommunicator and comm.comm is user_comm
+    assert (comm.rank, comm.size) == (0, 2)
+
+
+def test_an_object_of_another_class_is_not_an_mpi_communicator(fake_mpi4py: types.ModuleType) -> None:
+    class NotAComm:
+        __module__ = "mpi4py.MPI"  # the module name alone does not make a communicator
+
+    with pytest.raises(TypeError, match="process_group: expected .* \\(got NotAComm\\)"):
+        get_communicator(NotAComm())
+
+
 @pytest.mark.parametrize("spec", [None, "auto"])
 def test_auto_with_nothing_initialized_is_local(spec: Any, no_launcher: None) -> None:
     comm = get_communicator(spec)

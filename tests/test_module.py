@@ -10,6 +10,7 @@ reminder to remove the marker.
 from __future__ import annotations
 
 import copy
+import pickle
 from typing import Optional
 
 import pytest
@@ -633,6 +634,19 @@ def test_revert_sync_batchnorm() -> None:
             assert new.training == old.training
             assert (new.eps, new.momentum, new.affine) == (old.eps, old.momentum, old.affine)
     torch.testing.assert_close(reverted(x), expected, **TOL[torch.float64])
+
+
+def test_reverted_layer_is_the_public_batchnorm_class() -> None:
+    reverted = syncbn.revert_sync_batchnorm(nn.Sequential(syncbn.SyncBatchNorm(C)))
+    layer = reverted[0]
+    assert type(layer) is syncbn.BatchNorm
+    assert repr(reverted).count("BatchNorm(") == 1 and "_" not in type(layer).__qualname__
+    # a pickle names the public class, and loads back into it
+    data = pickle.dumps(reverted)
+    assert b"syncbn.module" in data and b"BatchNorm" in data
+    loaded = pickle.loads(data)
+    assert type(loaded[0]) is syncbn.BatchNorm
+    assert loaded.state_dict().keys() == nn.Sequential(nn.BatchNorm2d(C)).state_dict().keys()
 
 
 @pytest.mark.parametrize("layer", [syncbn.SyncBatchNorm(C), nn.SyncBatchNorm(C)],

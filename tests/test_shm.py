@@ -132,7 +132,7 @@ def test_auto_never_picks_shm_for_one_process(no_launcher: None) -> None:
                                             ("False", False), ("no", False)])
 def test_syncbn_shm_variable(monkeypatch: pytest.MonkeyPatch, value: str, enabled: bool) -> None:
     monkeypatch.setenv("SYNCBN_SHM", value)
-    assert syncbn.comm._shm_enabled() is enabled
+    assert syncbn.comm.shm.shm_enabled() is enabled
 
 
 def test_hosts_differ() -> None:  # (auto falls back instead: tests/shm_worker.py)
