@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import pickle
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -55,10 +55,11 @@ def _make_pair(
     ref_cls: type[nn.modules.batchnorm._BatchNorm],
     dtype: torch.dtype,
     seed: int = 0,
+    process_group: Any = None,
     **kwargs,
 ) -> tuple[syncbn.SyncBatchNorm, nn.Module]:
     """A SyncBatchNorm and a torch reference with the same random affine parameters."""
-    ours = syncbn.SyncBatchNorm(C, dtype=dtype, **kwargs)
+    ours = syncbn.SyncBatchNorm(C, dtype=dtype, process_group=process_group, **kwargs)
     ref = ref_cls(C, dtype=dtype, **kwargs)
     if ours.affine:
         gen = torch.Generator().manual_seed(seed + 1000)
@@ -129,17 +130,33 @@ def _run_and_compare(
                   dict(atol=0, rtol=0))
 
 
+class PartnerWithoutSamples(Communicator):
+    """Two ranks, the other one with an empty batch: its contribution to every
+    sum is zero, so the allreduce leaves the buffer as it is; but the layer
+    takes the synchronized path, one collective per pass."""
+
+    name = "partner-without-samples"
+    _size = 2
+
+    def _allreduce(self, buf: torch.Tensor) -> None:
+        pass
+
+
 @pytest.mark.parametrize("momentum", [0.1, 0.3, None], ids=lambda m: f"momentum={m}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("group", ["alone", "synchronized"])
 def test_matches_torch_batchnorm(layout: str, dtype: torch.dtype,
-                                 momentum: Optional[float]) -> None:
+                                 momentum: Optional[float], group: str) -> None:
+    # alone: a group of one (its own kernels, no collective); synchronized:
+    # the path of several ranks, the other rank holding no samples
+    comm = LocalCommunicator() if group == "alone" else PartnerWithoutSamples()
     shape, ref_cls, fmt = LAYOUTS[layout]
-    ours, ref = _make_pair(ref_cls, dtype, momentum=momentum)
+    ours, ref = _make_pair(ref_cls, dtype, momentum=momentum, process_group=comm)
     _run_and_compare(ours, ref, shape, dtype, fmt, steps=4)
     assert int(ours.num_batches_tracked) == 4
-    # both passes synchronized each step (one collective each)
-    assert ours.communicator.calls == 2 * 4
+    # one collective per pass, none when there is no one to wait for
+    assert ours.communicator.calls == (0 if group == "alone" else 2 * 4)
 
 
 @pytest.mark.parametrize("make", [
@@ -264,7 +281,8 @@ def test_affine_false(layout: str) -> None:
 @pytest.mark.parametrize("layout", ["2d", "4d", "channels_last"])
 def test_track_running_stats_false_uses_batch_stats_in_eval_too(layout: str) -> None:
     shape, ref_cls, fmt = LAYOUTS[layout]
-    ours, ref = _make_pair(ref_cls, torch.float64, track_running_stats=False)
+    ours, ref = _make_pair(ref_cls, torch.float64, track_running_stats=False,
+                           process_group=PartnerWithoutSamples())
     assert ours.running_mean is None and ours.running_var is None
     assert ours.num_batches_tracked is None
     _run_and_compare(ours, ref, shape, torch.float64, fmt)
@@ -300,7 +318,7 @@ def test_track_running_stats_toggled_off_after_construction() -> None:
 @pytest.mark.parametrize("layout", ["2d", "4d", "channels_last", "5d"])
 def test_eval_uses_running_stats_without_allreduce(layout: str) -> None:
     shape, ref_cls, fmt = LAYOUTS[layout]
-    ours, ref = _make_pair(ref_cls, torch.float64)
+    ours, ref = _make_pair(ref_cls, torch.float64, process_group=PartnerWithoutSamples())
     _run_and_compare(ours, ref, shape, torch.float64, fmt, steps=3)
     calls = ours.communicator.calls
     assert calls == 6
@@ -331,7 +349,7 @@ def test_default_communicator_is_local() -> None:
 @pytest.mark.parametrize("x_requires_grad", [True, False])
 def test_no_grad_forward_allreduces_once_and_saves_nothing(x_requires_grad: bool) -> None:
     shape, ref_cls, _ = LAYOUTS["4d"]
-    ours, ref = _make_pair(ref_cls, torch.float32)
+    ours, ref = _make_pair(ref_cls, torch.float32, process_group=PartnerWithoutSamples())
     x, _ = _batch(shape, torch.Generator().manual_seed(0), torch.float32)
     x.requires_grad_(x_requires_grad)
     with torch.no_grad():
@@ -346,7 +364,7 @@ def test_no_grad_forward_allreduces_once_and_saves_nothing(x_requires_grad: bool
 
 
 def test_nothing_requires_grad_saves_nothing() -> None:
-    ours = syncbn.SyncBatchNorm(C, affine=False)
+    ours = syncbn.SyncBatchNorm(C, affine=False, process_group=PartnerWithoutSamples())
     y = ours(torch.randn(4, C, 5))
     assert y.grad_fn is None
     assert ours.communicator.calls == 1
@@ -354,7 +372,7 @@ def test_nothing_requires_grad_saves_nothing() -> None:
 
 def test_backward_allreduces_only_when_input_needs_grad() -> None:
     shape, ref_cls, _ = LAYOUTS["4d"]
-    ours, ref = _make_pair(ref_cls, torch.float64)
+    ours, ref = _make_pair(ref_cls, torch.float64, process_group=PartnerWithoutSamples())
     x, g = _batch(shape, torch.Generator().manual_seed(0), torch.float64)
     (ours(x) * g).sum().backward()   # only weight and bias need grads
     (ref(x) * g).sum().backward()
@@ -529,7 +547,7 @@ def test_copy_and_pickle_after_use() -> None:
 
     layer = syncbn.SyncBatchNorm(C)
     layer(torch.randn(4, C, 2))
-    assert layer.communicator.calls == 1     # resolved: a live communicator object
+    assert layer._comm is not None     # resolved: a live communicator object
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert clone.communicator is not layer.communicator
         assert clone.communicator.calls == 0
@@ -695,8 +713,9 @@ def test_gradcheck_without_affine() -> None:
 
 def test_communicator_interface_is_used() -> None:
     # a user-supplied Communicator is used as is, one allreduce per pass
+    # (two ranks: with one there is nothing to reduce and no collective)
     class Recording(Communicator):
-        rank, size = 0, 1
+        rank, size = 0, 2
 
         def __init__(self) -> None:
             super().__init__()

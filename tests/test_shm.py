@@ -100,7 +100,10 @@ def test_get_communicator_and_layer(no_launcher: None) -> None:
     x = torch.randn(4, 3, 5, dtype=torch.float64)
     ref = torch.nn.BatchNorm1d(3).double()
     assert torch.allclose(layer(x), ref(x), atol=1e-12)
-    assert layer.communicator.calls == 1
+    # a segment of one row: no one to wait for, no collective
+    assert layer.communicator.size == 1 and layer.communicator.calls == 0
+    buf = torch.ones(4, dtype=torch.float64)
+    assert layer.communicator.allreduce_(buf).tolist() == [1.0] * 4 and layer.communicator.calls == 1
 
 
 def test_one_segment_per_group(no_launcher: None) -> None:
