@@ -143,13 +143,22 @@ def _ranks_here(environ: Mapping[str, str]) -> Optional[int]:
 
 
 def build_section() -> Section:
-    """How the compiled kernels were built."""
+    """The package's version and place, and how its compiled kernels were built."""
+    import syncbn
+
     entries: dict[str, Any] = {
         "version": __version__,
         "location": os.path.dirname(os.path.abspath(__file__)),
-        "OpenMP": _kernels.openmp_enabled(),
-        "Cython checks build": _kernels.cython_checks_enabled(),
     }
+    build_info = getattr(syncbn, "build_info", None)
+    if build_info is not None:
+        entries.update(build_info())
+    else:  # a build that does not record its compiler and flags
+        entries.update({
+            "OpenMP": _kernels.openmp_enabled(),
+            "Cython checks build": _kernels.cython_checks_enabled(),
+            "compiler flags": "not recorded by this build",
+        })
     return Section("syncbn", entries)
 
 
@@ -272,9 +281,16 @@ def format_sections(sections: Sequence[Section]) -> list[str]:
     for section in sections:
         lines.append(section.title)
         for key, value in section.entries.items():
-            shown = ("yes" if value else "no") if isinstance(value, bool) else str(value)
-            lines.append(f"  {key}: {shown}")
+            lines.append(f"  {key}: {_shown(value)}")
     return lines
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) or "-"
+    return str(value)
 
 
 # --- the check -------------------------------------------------------------------
@@ -432,6 +448,6 @@ def main(argv: Optional[Sequence[str]] = None, communicator: Optional[Communicat
         if result is not None:
             document["check"] = dict(asdict(result), ok=result.ok)
         if prints_report or result is not None:
-            _write_line(json.dumps(document))
+            _write_line(json.dumps(document, default=str))
     return 0 if result is None or result.ok else 1
 

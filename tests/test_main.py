@@ -184,6 +184,21 @@ def test_main_exits_non_zero_on_a_wrong_sum(no_launcher: None, capfd: pytest.Cap
     assert "sum ok" in capfd.readouterr().out
 
 
+def test_only_rank_0_prints_the_report_unless_all_ranks(
+        no_launcher: None, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    # rank 1 of a torchrun job, before init_process_group (nothing is initialized without --check)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert diagnose.main([]) == 0
+    assert capfd.readouterr().out == ""
+    assert diagnose.main(["--all-ranks"]) == 0
+    lines = capfd.readouterr().out.splitlines()
+    assert lines and all(line.startswith("[rank 1] ") for line in lines)
+    report = parse_report("\n".join(line[len("[rank 1] "):] for line in lines))
+    assert report["launcher"] == {"name": "torchrun", "rank": "1", "size": "2", "LOCAL_RANK": "1"}
+
+
 # --- the pieces of the report ------------------------------------------------------------
 
 @pytest.mark.parametrize("launcher, imported, requested, expected", [
