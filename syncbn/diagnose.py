@@ -213,7 +213,7 @@ def distributed_section() -> Section:
         entries.update(backend=str(dist.get_backend()), rank=dist.get_rank(),
                        size=dist.get_world_size())
     elif available:
-        entries["note"] = "this command initializes it only with --check"
+        entries["note"] = "this command initializes it only for --check, after this report"
     return Section("torch.distributed", entries)
 
 
@@ -434,6 +434,10 @@ def main(argv: Optional[Sequence[str]] = None, communicator: Optional[Communicat
                 communicator = get_communicator(None)
             launcher_size = launcher.size if launcher.name != "none" else None
             result = run_check(communicator, launcher_size, calls=args.calls)
+        except Exception as exc:  # set-up or collective failed: say so on this rank's line
+            _write_line(f"check rank {launcher.rank} of {launcher.size}: FAILED before a sum: "
+                        f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+            return 1
         finally:
             if started_torch:
                 import torch.distributed as dist

@@ -199,6 +199,21 @@ def test_only_rank_0_prints_the_report_unless_all_ranks(
     assert report["launcher"] == {"name": "torchrun", "rank": "1", "size": "2", "LOCAL_RANK": "1"}
 
 
+class BrokenCollective(Communicator):
+    """An allreduce that raises, as a collective whose peer died does."""
+
+    name = "broken"
+
+    def _allreduce(self, buf: torch.Tensor) -> None:
+        raise RuntimeError("connection reset by peer")
+
+
+def test_main_reports_a_failed_collective(no_launcher: None, capfd: pytest.CaptureFixture[str]) -> None:
+    assert diagnose.main(["--check"], communicator=BrokenCollective()) == 1
+    out = capfd.readouterr().out
+    assert "check rank 0 of 1: FAILED before a sum: RuntimeError: connection reset by peer\n" in out
+
+
 # --- the pieces of the report ------------------------------------------------------------
 
 @pytest.mark.parametrize("launcher, imported, requested, expected", [
