@@ -87,3 +87,7 @@ def finish_stats(
     statistics (float32 or float64, torch's formula, unbiased variance; factor
     None: 1 / num_batches_tracked) and returns False.
     """
+def build_flags() -> str:
+    """The compiler flags setup.py passed for this extension (compiled into it)."""
+def build_compiler() -> str:
+    """The compiler that built this extension, as its own macros name it."""
