@@ -34,7 +34,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from . import __version__, _kernels
+from . import _kernels
+from ._build_info import build_info
 from .comm import Communicator, Launcher, auto_backend, detect_launcher, get_communicator
 from .comm.mpi import import_mpi
 from .comm.shm import shm_enabled
@@ -143,22 +144,10 @@ def _ranks_here(environ: Mapping[str, str]) -> Optional[int]:
 
 
 def build_section() -> Section:
-    """The package's version and place, and how its compiled kernels were built."""
-    import syncbn
-
-    entries: dict[str, Any] = {
-        "version": __version__,
-        "location": os.path.dirname(os.path.abspath(__file__)),
-    }
-    build_info = getattr(syncbn, "build_info", None)
-    if build_info is not None:
-        entries.update(build_info())
-    else:  # a build that does not record its compiler and flags
-        entries.update({
-            "OpenMP": _kernels.openmp_enabled(),
-            "Cython checks build": _kernels.cython_checks_enabled(),
-            "compiler flags": "not recorded by this build",
-        })
+    """syncbn's version, place and build (:func:`syncbn.build_info`: compiler, flags, -march,
+    OpenMP, Cython checks, kernel variant)."""
+    entries: dict[str, Any] = dict(build_info())
+    entries["location"] = os.path.dirname(os.path.abspath(__file__))
     return Section("syncbn", entries)
 
 
@@ -286,6 +275,8 @@ def format_sections(sections: Sequence[Section]) -> list[str]:
 
 
 def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, (list, tuple)):

@@ -7,6 +7,7 @@ that drop or corrupt the reduction, so that a passing check means something.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from typing import Optional
@@ -68,7 +69,12 @@ def finished(job: Job) -> str:
 def test_report_in_one_process() -> None:
     job = run_job([sys.executable, "-m", "syncbn"], TIMEOUT)
     report = parse_report(finished(job))
-    assert report["syncbn"]["version"] == syncbn.__version__
+    info = syncbn.build_info()
+    assert report["syncbn"]["version"] == syncbn.__version__ == info["version"]
+    assert report["syncbn"]["compile_flags"] == info["compile_flags"]
+    assert report["syncbn"]["kernel_variant"] == info["kernel_variant"]
+    assert report["syncbn"]["openmp"] == ("yes" if info["openmp"] else "no")
+    assert report["syncbn"]["cython_checks"] == ("yes" if info["cython_checks"] else "no")
     assert report["launcher"] == {"name": "none", "rank": "0", "size": "1"}
     assert report["torch.distributed"]["initialized"] == "no"
     assert report["communicator"]["process_group=None"].startswith("local:")
@@ -94,7 +100,9 @@ def test_json_with_check() -> None:
     document = json.loads(output.strip().splitlines()[-1])
     assert list(document["report"]) == list(TITLES)
     assert document["report"]["launcher"]["name"] == "none"
-    assert document["report"]["syncbn"]["OpenMP"] in (True, False)
+    build = document["report"]["syncbn"]
+    assert build.pop("location") == os.path.dirname(os.path.abspath(syncbn.__file__))
+    assert build == syncbn.build_info()
     check = document["check"]
     assert (check["rank"], check["size"], check["communicator"], check["calls"]) == (0, 1, "local", 7)
     assert check["ok"] is True and check["wrong_calls"] == 0 and check["problem"] == ""
