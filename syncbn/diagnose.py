@@ -4,7 +4,7 @@ It reports the build, the versions of torch, NumPy, mpi4py and the MPI
 library, the launcher, the state of torch.distributed, the communicator
 that ``process_group=None`` resolves to and why, and the environment that
 steers it all. Run it plainly, under ``mpirun`` (as ``python -m mpi4py -m
-syncbn``) or under ``torchrun``, with the same arguments as the job.
+syncbn``) or under ``torchrun``, launched as the job is.
 
 Nothing is initialized and no collective is started unless asked:
 importing ``mpi4py.MPI`` initializes MPI, so the MPI library is queried
@@ -15,7 +15,8 @@ and verifies its sum.
 
 Rank 0 prints the report (every rank with ``--all-ranks``); every rank
 prints its own check line. Each line is one ``os.write``, so lines from
-several ranks sharing a terminal or pipe never mix.
+several ranks sharing a terminal or pipe never mix (a write to a pipe is
+atomic up to ``PIPE_BUF``, 4096 bytes on Linux: every text line is shorter).
 """
 from __future__ import annotations
 
@@ -43,7 +44,10 @@ from .comm.shm import shm_enabled
 __all__ = [
     "CheckResult",
     "Section",
+    "communicator_section",
     "describe_backend",
+    "format_check",
+    "format_sections",
     "main",
     "mpi_query_reason",
     "report",
@@ -159,16 +163,10 @@ def versions_section(launcher: Launcher, query_mpi: bool) -> Section:
         "torch": torch.__version__,
         "numpy": np.__version__,
     }
-    mpi4py_module = sys.modules.get("mpi4py")
-    if mpi4py_module is not None:
-        entries["mpi4py"] = str(getattr(mpi4py_module, "__version__", "unknown"))
-    else:
-        try:
-            entries["mpi4py"] = metadata.version("mpi4py")
-        except metadata.PackageNotFoundError:
-            entries["mpi4py"] = "not installed"
+    mpi4py_version = _mpi4py_version()
+    entries["mpi4py"] = "not installed" if mpi4py_version is None else mpi4py_version
     reason = mpi_query_reason(launcher, "mpi4py.MPI" in sys.modules, query_mpi)
-    if entries["mpi4py"] == "not installed":
+    if mpi4py_version is None:
         entries["MPI library"] = "not queried: mpi4py is not installed"
     elif reason is None:
         entries["MPI library"] = ("not queried: importing mpi4py.MPI initializes MPI and no MPI "
@@ -182,6 +180,17 @@ def versions_section(launcher: Launcher, query_mpi: bool) -> Section:
         except Exception as exc:  # a broken MPI installation is what the user needs to see
             entries["MPI library"] = f"import of mpi4py.MPI failed: {type(exc).__name__}: {exc}"
     return Section("versions", entries)
+
+
+def _mpi4py_version() -> Optional[str]:
+    """mpi4py's version without importing it (importing mpi4py.MPI initializes MPI), None if absent."""
+    module = sys.modules.get("mpi4py")
+    if module is not None:
+        return str(getattr(module, "__version__", "unknown"))
+    try:
+        return metadata.version("mpi4py")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def launcher_section(launcher: Launcher, environ: Mapping[str, str]) -> Section:
@@ -206,27 +215,34 @@ def distributed_section() -> Section:
     return Section("torch.distributed", entries)
 
 
-def communicator_section(launcher: Launcher, torch_world_size: Optional[int],
-                         environ: Mapping[str, str]) -> Section:
+def communicator_section(launcher: Launcher, torch_world_size: Optional[int], shm: bool,
+                         ranks_here: Optional[int], mpi4py_installed: bool) -> Section:
     """Which communicator ``process_group=None`` resolves to here, without starting a collective.
 
-    ``torch_world_size``: the size of torch.distributed's default group, None
-    when it is not initialized. Under a launcher of several ranks without
-    torch.distributed, also what ``None`` becomes once the script has called
-    ``init_process_group`` (torchrun) or ``syncbn.init_process_group_from_mpi``
-    (mpirun).
+    Under a launcher of several ranks without torch.distributed, also what
+    ``None`` becomes once the script has called ``init_process_group``
+    (torchrun) or ``syncbn.init_process_group_from_mpi`` (mpirun).
+
+    Args:
+        launcher: what :func:`~syncbn.comm.detect_launcher` found.
+        torch_world_size: the size of torch.distributed's default group,
+            None when it is not initialized.
+        shm: whether ``$SYNCBN_SHM`` allows shared memory.
+        ranks_here: how many ranks the launcher put on this host, if it says.
+        mpi4py_installed: whether mpi4py can be imported.
     """
-    shm = shm_enabled()
-    here = _ranks_here(environ)
     size = launcher.size if torch_world_size is None else torch_world_size
+    backend = auto_backend(torch_world_size, launcher, shm)
     entries: dict[str, Any] = {
-        "process_group=None": describe_backend(
-            auto_backend(torch_world_size, launcher, shm), size, here, shm),
+        "process_group=None": describe_backend(backend, size, ranks_here, shm),
     }
+    if backend == "mpi" and not mpi4py_installed:
+        entries["problem"] = ("mpi4py is not installed: the first forward raises ImportError "
+                              "(pip install 'syncbn[mpi]')")
     if torch_world_size is None and launcher.size > 1:
         after = "init_process_group" if launcher.name == "torchrun" else "init_process_group_from_mpi"
         entries[f"after {after}"] = describe_backend(
-            auto_backend(launcher.size, launcher, shm), launcher.size, here, shm)
+            auto_backend(launcher.size, launcher, shm), launcher.size, ranks_here, shm)
         if launcher.name == "torchrun":
             entries["warning"] = ("under torchrun, None is local until torch.distributed is "
                                   "initialized: call init_process_group before the first forward")
@@ -247,19 +263,19 @@ def environment_section(environ: Mapping[str, str]) -> Section:
     return Section("environment", entries)
 
 
-def report(launcher: Launcher, query_mpi: bool = False,
-           environ: Optional[Mapping[str, str]] = None) -> list[Section]:
+def report(launcher: Launcher, query_mpi: bool = False) -> list[Section]:
     """The whole report for this process; initializes MPI only as :func:`mpi_query_reason` allows."""
     import torch.distributed as dist
 
-    env = os.environ if environ is None else environ
+    env = os.environ
     torch_world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
     return [
         build_section(),
         versions_section(launcher, query_mpi),
         launcher_section(launcher, env),
         distributed_section(),
-        communicator_section(launcher, torch_world_size, env),
+        communicator_section(launcher, torch_world_size, shm_enabled(), _ranks_here(env),
+                             _mpi4py_version() is not None),
         environment_section(env),
     ]
 

@@ -236,18 +236,25 @@ def test_mpi_query_reason(launcher: Launcher, imported: bool, requested: bool,
     assert diagnose.mpi_query_reason(launcher, imported, requested) == expected
 
 
-def test_communicator_section_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_communicator_section_under_torchrun() -> None:
     torchrun = Launcher("torchrun", 4, 1)
-    monkeypatch.delenv("SYNCBN_SHM", raising=False)
-    entries = diagnose.communicator_section(torchrun, None, {"LOCAL_WORLD_SIZE": "2"}).entries
+    entries = diagnose.communicator_section(torchrun, None, True, 2, False).entries
     assert entries["process_group=None"].startswith("local:")
     assert entries["after init_process_group"].startswith("shm:")
     assert "2 of 4 ranks on this host" in entries["after init_process_group"]
     assert "init_process_group before the first forward" in entries["warning"]
-    monkeypatch.setenv("SYNCBN_SHM", "0")
-    entries = diagnose.communicator_section(torchrun, 4, {}).entries
+    assert "problem" not in entries  # mpi4py is not needed here
+    # SYNCBN_SHM=0, torch.distributed initialized
+    entries = diagnose.communicator_section(torchrun, 4, False, None, False).entries
     assert entries["process_group=None"].startswith("torch:") and "SYNCBN_SHM" in entries["process_group=None"]
     assert "warning" not in entries and entries["SYNCBN_SHM"] == "shared memory off"
+
+
+def test_communicator_section_under_mpirun_without_mpi4py() -> None:
+    entries = diagnose.communicator_section(Launcher("mpirun", 2, 0), None, True, 2, False).entries
+    assert entries["process_group=None"].startswith("mpi:")
+    assert "mpi4py is not installed" in entries["problem"]
+    assert entries["after init_process_group_from_mpi"].startswith("shm:")
 
 
 # --- under the launchers, two ranks ------------------------------------------------------
