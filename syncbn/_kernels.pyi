@@ -119,3 +119,9 @@ def local_backward(
     """A group of one process: backward_reduce's parameter gradients and (with
     out) backward_input's input gradient in one call, channel by channel
     (channels-first (N, C, L) only)."""
+
+
+def build_flags() -> str:
+    """The compiler flags setup.py passed for this extension (compiled into it)."""
+def build_compiler() -> str:
+    """The compiler that built this extension, as its own macros name it."""

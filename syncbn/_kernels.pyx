@@ -1286,3 +1286,35 @@ def local_backward(
             _fput(gw, c, sums[C + c] * inv[c])
         if gb.data != NULL:
             _fput(gb, c, sums[c])
+
+
+# build description (read by syncbn.build_info)
+# ---------------------------------------------------------------------------
+
+cdef extern from *:
+    """
+    #ifndef SYNCBN_BUILD_CFLAGS
+    #define SYNCBN_BUILD_CFLAGS "unknown (built without setup.py)"
+    #endif
+    #if defined(__clang__)
+    #define SYNCBN_BUILD_COMPILER "clang " __clang_version__
+    #elif defined(__GNUC__)
+    #define SYNCBN_BUILD_COMPILER "gcc " __VERSION__
+    #elif defined(__VERSION__)
+    #define SYNCBN_BUILD_COMPILER __VERSION__
+    #else
+    #define SYNCBN_BUILD_COMPILER "unknown"
+    #endif
+    """
+    const char* SYNCBN_BUILD_CFLAGS
+    const char* SYNCBN_BUILD_COMPILER
+
+
+def build_flags() -> str:
+    """The compiler flags setup.py passed for this extension (compiled into it)."""
+    return SYNCBN_BUILD_CFLAGS.decode("utf-8")
+
+
+def build_compiler() -> str:
+    """The compiler that built this extension, as its own macros name it."""
+    return SYNCBN_BUILD_COMPILER.decode("utf-8")

@@ -23,9 +23,11 @@ from simulated import CollectiveMismatch, RankGone, SimulatedCommunicator, run_r
 from syncbn import SyncBatchNorm
 from syncbn.comm import (
     Communicator,
+    Launcher,
     LocalCommunicator,
     MPICommunicator,
     TorchCommunicator,
+    auto_backend,
     gather_values,
     get_communicator,
 )
@@ -152,6 +154,21 @@ def test_bad_spec_in_layer_raises_at_first_forward_before_any_collective() -> No
     bn = SyncBatchNorm(2, process_group="gloo")
     with pytest.raises(ValueError, match="got 'gloo'"):
         bn(torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("torch_size, launcher, shm, expected", [
+    (None, Launcher("none", 1, 0), True, "local"),
+    (None, Launcher("mpirun", 1, 0), True, "local"),       # one rank never imports mpi4py
+    (None, Launcher("mpirun", 3, 1), True, "mpi"),
+    (None, Launcher("mpirun", 3, 1), False, "mpi"),
+    (None, Launcher("torchrun", 2, 0), True, "local"),     # torchrun without init_process_group
+    (2, Launcher("torchrun", 2, 0), True, "shm"),
+    (2, Launcher("torchrun", 2, 0), False, "torch"),       # SYNCBN_SHM=0
+    (1, Launcher("none", 1, 0), True, "torch"),            # one rank: nothing to share
+    (3, Launcher("mpirun", 3, 0), True, "shm"),            # torch.distributed started from MPI wins
+])
+def test_auto_backend(torch_size: Any, launcher: Launcher, shm: bool, expected: str) -> None:
+    assert auto_backend(torch_size, launcher, shm) == expected
 
 
 def test_torch_without_init_says_what_to_do(no_launcher: None) -> None:
