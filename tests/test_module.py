@@ -44,13 +44,6 @@ LOOSE_TOL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _no_debug_collectives(monkeypatch: pytest.MonkeyPatch) -> None:
-    # SYNCBN_DEBUG=1 adds a consistency collective per forward; the
-    # collective counts asserted here are those of the normal mode.
-    monkeypatch.delenv("SYNCBN_DEBUG", raising=False)
-
-
 def _make_pair(
     ref_cls: type[nn.modules.batchnorm._BatchNorm],
     dtype: torch.dtype,
@@ -318,7 +311,7 @@ def test_eval_uses_running_stats_without_allreduce(layout: str) -> None:
     assert (ours(x) - y_eval).abs().max() > 1e-3
 
 
-def test_default_communicator_is_local() -> None:
+def test_default_communicator_is_local(no_launcher: None) -> None:
     layer = syncbn.SyncBatchNorm(C)
     assert isinstance(layer.communicator, LocalCommunicator)
     assert layer.communicator.calls == 0

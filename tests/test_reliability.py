@@ -575,6 +575,7 @@ def _check_worker_output(code: Optional[int], out: str, ended: float) -> None:
     assert elapsed < ABORT_WITHIN, f"job took {elapsed:.0f} s to end after rank 1 failed"
 
 
+@pytest.mark.launcher
 def test_mpiexec_debug_scenarios_and_failing_rank() -> None:
     mpiexec = tool("mpiexec")
     if mpiexec is None:
@@ -586,6 +587,7 @@ def test_mpiexec_debug_scenarios_and_failing_rank() -> None:
     _check_worker_output(*_run_launch(cmd))
 
 
+@pytest.mark.launcher
 def test_torchrun_debug_scenarios_and_failing_rank() -> None:
     torchrun = tool("torchrun")
     if torchrun is None:
