@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rank_output import say
 import syncbn
 from syncbn.comm import MPICommunicator, SharedMemoryCommunicator, TorchCommunicator
 
@@ -197,13 +198,6 @@ class Checker:
         self.notes[note] = f"{diff:.3g}"
         self.check(f"negative control {what}", diff > min_diff,
                    f"differs by only {diff:.3g} (need > {min_diff})")
-
-
-def say(line: str) -> None:
-    """One line in one write(2), so the ranks' lines on a shared pipe never interleave
-    (print() writes the text and the newline separately when output is unbuffered)."""
-    sys.stdout.flush()
-    os.write(sys.stdout.fileno(), (line + "\n").encode())
 
 
 def report(ctx: Context, name: str, chk: Checker) -> bool:
