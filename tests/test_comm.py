@@ -32,16 +32,6 @@ from syncbn.comm import (
     get_communicator,
 )
 
-LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
-
-
-@pytest.fixture
-def no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in LAUNCHER_VARS:
-        monkeypatch.delenv(var, raising=False)
-    assert not dist.is_initialized()
-
-
 @pytest.fixture
 def no_mpi4py(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make ``import mpi4py`` fail as if it were not installed."""
