@@ -48,7 +48,7 @@ DEFAULT_SETTINGS = "local,mpirun2,torchrun2,mpirun4,torchrun4"
 AA_TOLERANCE = 0.03
 # rough seconds of one step of one contender on a 2-core machine, 1 thread
 # per process, for the run-time estimate printed before the run
-STEP_S_ESTIMATE = {"resnet20": 0.05, "mobilenet_v2": 0.2, "resnet18": 0.25}
+STEP_S_ESTIMATE = {"resnet20": 0.06, "mobilenet_v2": 0.25, "resnet18": 0.22}
 # ratio name -> (numerator, denominator)
 RATIOS: dict[str, tuple[str, str]] = {
     "syncbn/torch": ("syncbn", "torch"),
@@ -160,16 +160,20 @@ def run_setting(setting: Setting, label: str, worker_args: list[str], env: dict[
     return run_json_job([*head, *worker_args, "--label", label], env, timeout, shown)
 
 
-def estimate_s(args: argparse.Namespace) -> float:
-    """A rough run time: steps x a typical step time, more processes than cores taking longer."""
+def estimate_s(args: argparse.Namespace, setting: Setting) -> float:
+    """A rough run time of one setting on an idle machine: steps x a typical step time, more
+    processes than cores taking longer."""
     per_round = sum(STEP_S_ESTIMATE[n] for n in args.networks) * len(MODES)
     if args.batch is not None:
         per_round *= max(args.batch, 2) / 8
-    cores = os.cpu_count() or 1
-    total = 0.0
-    for s in args.settings:
-        total += 15 + per_round * (args.rounds + args.warmup) * max(1.0, 1.25 * s.processes / cores)
-    return total * (2 if args.tuned_malloc else 1)
+    crowding = max(1.0, 1.25 * setting.processes / (os.cpu_count() or 1))
+    return 15 + per_round * (args.rounds + args.warmup) * crowding
+
+
+def timeout_s(args: argparse.Namespace, setting: Setting) -> float:
+    """When a setting is given up as hung: generous, as other work on the machine can slow
+    every step several times over (10x the idle estimate, at least 20 minutes)."""
+    return max(1200.0, 10 * estimate_s(args, setting))
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -333,6 +337,24 @@ def render_layers(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def run_layers(args: argparse.Namespace, meta: dict[str, Any], start: float) -> None:
+    """The per-layer mode: one process, one thread (thread CPU time would miss the work of any other)."""
+    res = run_setting(Setting("local", "local", 1), "layers",
+                      ["--rounds", str(args.rounds), "--warmup", str(args.warmup), "--threads", "1",
+                       "--launcher", "local", "--layers"], worker_env(1, False), timeout=900)
+    doc = {"meta": meta, **res}
+    if res.get("status") != "ok":
+        print(f"[layers] {res.get('status')}", file=sys.stderr)
+        (args.out / "layers.json").write_text(json.dumps(doc, indent=1) + "\n")
+        return
+    meta["load_after"] = os.getloadavg()[0]
+    report = render_layers(doc)
+    (args.out / "layers.md").write_text(report + "\n")
+    (args.out / "layers.json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(report)
+    print(f"wrote {args.out / 'layers.md'}, layers.json ({time.perf_counter() - start:.0f} s)")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -346,39 +368,26 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "batch": args.batch, "load_before": os.getloadavg()[0],
         "command": " ".join([Path(sys.executable).name, *sys.argv])}
     args.out.mkdir(parents=True, exist_ok=True)
-    common = ["--rounds", str(args.rounds), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     if args.layers:
-        res = run_setting(Setting("local", "local", 1), "layers", [*common, "--launcher", "local", "--layers"],
-                          worker_env(1, False), timeout=900)
-        doc = {"meta": meta, **res}
-        if res.get("status") != "ok":
-            print(f"[layers] {res.get('status')}", file=sys.stderr)
-            (args.out / "layers.json").write_text(json.dumps(doc, indent=1) + "\n")
-            return
-        meta["load_after"] = os.getloadavg()[0]
-        report = render_layers(doc)
-        (args.out / "layers.md").write_text(report + "\n")
-        (args.out / "layers.json").write_text(json.dumps(doc, indent=1) + "\n")
-        print(report)
-        print(f"wrote {args.out / 'layers.md'}, layers.json ({time.perf_counter() - start:.0f} s)")
+        run_layers(args, meta, start)
         return
-    worker_args = [*common, "--networks", *args.networks]
+    worker_args = ["--rounds", str(args.rounds), "--warmup", str(args.warmup), "--threads", str(args.threads),
+                   "--networks", *args.networks]
     if args.batch is not None:
         worker_args += ["--batch", str(args.batch)]
     if args.channels_last:
         worker_args.append("--channels-last")
-    estimate = estimate_s(args)
+    estimate = sum(estimate_s(args, s) for s in args.settings) * (2 if args.tuned_malloc else 1)
     print(f"bench_net: {len(args.settings)} setting(s) x {len(args.networks)} network(s) x {len(MODES)} "
-          f"contenders, {args.rounds} rounds; estimated {estimate / 60:.1f} min on this machine",
+          f"contenders, {args.rounds} rounds; estimated {estimate / 60:.1f} min if the machine is idle",
           file=sys.stderr, flush=True)
-    timeout = max(300.0, 3 * estimate)
     settings: dict[str, dict[str, Any]] = {}
     for tuned in ([False, True] if args.tuned_malloc else [False]):
         for s in args.settings:
             name = s.name + (" +tuned-malloc" if tuned else "")
             print(f"[{name}] launching ...", file=sys.stderr, flush=True)
             settings[name] = res = run_setting(s, name, [*worker_args, "--launcher", s.launcher],
-                                               worker_env(args.threads, tuned), timeout)
+                                               worker_env(args.threads, tuned), timeout_s(args, s))
             if res.get("status") != "ok":
                 print(f"[{name}] {res.get('status')}", file=sys.stderr, flush=True)
             elif "fairscale" in MODES and any(n["contenders"].get("fairscale") is None
