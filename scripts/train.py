@@ -137,24 +137,13 @@ def count_correct(model: nn.Module, x: Tensor, y: Tensor) -> int:
 # ----------------------------------------------------------------------------- launchers
 
 
-def detect_launcher() -> str:
-    """``"torchrun"``, ``"mpirun"`` or ``"single"``, from the launcher's environment variables."""
-    env = os.environ
-    if "TORCHELASTIC_RUN_ID" in env or all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
-        return "torchrun"
-    # Open MPI, then PMI-based launchers (MPICH's hydra, Intel MPI, srun).
-    if any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE")):
-        return "mpirun"
-    return "single"
-
-
 def resolve_comm(requested: str, launcher: str) -> str:
     """The process_group string for SyncBatchNorm under this launcher."""
     if requested == "auto":
         # under torchrun, syncbn's own default: shared memory when every rank
         # is on this host, else torch.distributed
         return {"mpirun": "mpi", "torchrun": "auto"}.get(launcher, "local")
-    if requested == "torch" and launcher == "single":
+    if requested == "torch" and launcher == "none":
         sys.exit("--comm torch needs a distributed launch (torchrun or mpirun)")
     if requested == "mpi" and launcher == "torchrun":
         # Each torchrun worker is its own one-process MPI world: nothing would be synchronized.
@@ -209,7 +198,7 @@ def train(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
     syncbn = import_syncbn(args.threads)
-    launcher = detect_launcher()
+    launcher = syncbn.comm.detect_launcher().name
     comm = resolve_comm(args.comm, launcher)
     rank, world_size = setup_distributed(launcher)
     distributed = dist.is_initialized()

@@ -91,3 +91,41 @@ def finish_stats(
     float64, torch's formula, unbiased variance; factor None:
     1 / num_batches_tracked) and returns False.
     """
+
+def local_forward(
+    x: Data,
+    weight: Optional[Param],
+    bias: Optional[Param],
+    eps: float,
+    out: Data,
+    stats: npt.NDArray[np.float64],
+    next_shift: Optional[Vec] = None,
+    running_mean: Optional[npt.NDArray[np.floating]] = None,
+    running_var: Optional[npt.NDArray[np.floating]] = None,
+    factor: Optional[float] = 0.0,
+    num_batches_tracked: Optional[npt.NDArray[np.int64]] = None,
+    num_threads: int = 0,
+) -> None:
+    """A group of one process: statistics and normalization in one call,
+    channel by channel (channels-first (N, C, L) only; at least 2 values per
+    channel). Writes what local_stats + finish_stats + normalize write."""
+def local_backward(
+    dy: Data,
+    x: Data,
+    mean: Vec,
+    invstd: Vec,
+    weight: Optional[Param],
+    out: Optional[Data] = None,
+    grad_weight: Optional[Param] = None,
+    grad_bias: Optional[Param] = None,
+    num_threads: int = 0,
+) -> None:
+    """A group of one process: backward_reduce's parameter gradients and (with
+    out) backward_input's input gradient in one call, channel by channel
+    (channels-first (N, C, L) only)."""
+
+
+def build_flags() -> str:
+    """The compiler flags setup.py passed for this extension (compiled into it)."""
+def build_compiler() -> str:
+    """The compiler that built this extension, as its own macros name it."""

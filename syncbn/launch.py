@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
-from .comm import _import_mpi as _mpi
+from .comm.mpi import import_mpi as _mpi
 
 __all__ = ["init_process_group_from_mpi"]
 

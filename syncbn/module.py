@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import weakref
 from typing import Any, Optional
 
 import numpy as np
@@ -10,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .comm import CommSpec, Communicator, LocalCommunicator, gather_values, get_communicator
-from .function import sync_batch_norm
+from ._debug import LayerCheck
+from .comm import CommSpec, Communicator, LocalCommunicator, get_communicator
+from .function import LayerArgs, sync_batch_norm
 
-__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
+__all__ = ["BatchNorm", "SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -103,11 +103,8 @@ class SyncBatchNorm(_BatchNorm):
         if debug is None:
             debug = os.environ.get("SYNCBN_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
         self.debug = debug
-        self._calls = 0
-        # Debug mode: the layer's number among those built on the same
-        # process group in this process, equal on every rank that builds the
-        # same model, so the check tells apart two layers of equal width.
-        self._layer_index = _next_layer_index(process_group)
+        # numbered whether or not debug mode is on: it can be turned on later
+        self._check = LayerCheck(process_group)
 
     @property
     def communicator(self) -> Communicator:
@@ -155,44 +152,6 @@ class SyncBatchNorm(_BatchNorm):
                 f"SyncBatchNorm: expected a CPU tensor (got device {input.device}); "
                 "for GPUs use torch.nn.SyncBatchNorm")
 
-    def _check_agreement(self, input: torch.Tensor) -> None:
-        """Debug mode: the same error on every rank when ranks disagree on this layer."""
-        self._calls += 1
-        self._check_fields(input.shape[1] if input.dim() >= 2 else -1,
-                           _DTYPE_CODES.get(input.dtype, -1), _FORWARD, self._calls)
-
-    def _check_fields(self, channels: int, dtype_code: int, phase: int, call: int) -> None:
-        # The same fields, so the same buffer size, before forward and backward
-        # collectives: a rank one collective ahead of the others meets a
-        # check, never a statistics buffer.
-        fields = {
-            "layer (order of construction)": self._layer_index,
-            "pass": phase,
-            "num_features": self.num_features,
-            "input channels": channels,
-            "input dtype": dtype_code,
-            "training": int(self.training),
-            "calls of this layer": call,
-        }
-        comm = self.communicator
-        table = gather_values(comm, [float(v) for v in fields.values()])
-        differ = [name for k, name in enumerate(fields) if not bool((table[:, k] == table[0, k]).all())]
-        if not differ:
-            return
-        lines = []
-        for name in differ:
-            k = list(fields).index(name)
-            by_value: dict[float, list[int]] = {}
-            for r in range(comm.size):
-                by_value.setdefault(float(table[r, k]), []).append(r)
-            shown = ", ".join(f"{_show(name, v)} on ranks {ranks}" for v, ranks in by_value.items())
-            lines.append(f"  {name}: {shown}")
-        raise RuntimeError(
-            f"SyncBatchNorm({self.num_features}) consistency check failed on rank "
-            f"{comm.rank} of {comm.size}: the ranks disagree on\n" + "\n".join(lines) +
-            "\nEvery rank must call every synchronized layer the same number of times, in "
-            "the same order and mode, with the same number of channels and dtype.")
-
     def _member(self, table: dict[str, Any], name: str) -> Any:
         """``getattr(self, name)`` for a parameter or buffer, straight from its
         table when it is there (Module.__getattr__ costs on the forward path);
@@ -201,39 +160,29 @@ class SyncBatchNorm(_BatchNorm):
         return table[name] if name in table else getattr(self, name)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.debug:
-            # before local validation, so that a bad input on one rank
-            # raises on every rank instead of leaving the others waiting
-            self._check_agreement(input)
+        checked = self._check.enter(self, input) if self.debug else None
         self._check_input(input)
-        # Same decisions as torch.nn.modules.batchnorm._BatchNorm.forward.
+        # The decisions of torch.nn.modules.batchnorm._BatchNorm.forward.
         params, buffers = self._parameters, self._buffers
         weight, bias = self._member(params, "weight"), self._member(params, "bias")
         running_mean = self._member(buffers, "running_mean")
         running_var = self._member(buffers, "running_var")
+        bn_training = self.training or (running_mean is None and running_var is None)
+        if not bn_training:
+            return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, self.eps)
         if not self.training:
-            if running_mean is not None or running_var is not None:
-                return F.batch_norm(input, running_mean, running_var, weight,
-                                    bias, False, 0.0, self.eps)
             # Batch statistics in eval (track_running_stats=False) stay local,
-            # like torch.nn.SyncBatchNorm; a scratch shift keeps the shared one
-            # identical across ranks.
-            return sync_batch_norm(input, weight, bias, None, None, None,
-                                   self._shift.copy(), self.eps, self.momentum, _LOCAL)
-        comm = self._comm if self._comm is not None else self.communicator
-        if self.debug:
-            comm = _CheckedBackward(self, comm, input.shape[1],
-                                    _DTYPE_CODES.get(input.dtype, -1), self._calls)
+            # like torch.nn.SyncBatchNorm's; a scratch shift keeps the shared
+            # one identical across ranks.
+            return sync_batch_norm(input, weight, bias, LayerArgs(
+                None, None, None, self._shift.copy(), self.eps, self.momentum, _LOCAL))
         tracking = self.track_running_stats
-        out = sync_batch_norm(
-            input, weight, bias,
+        comm = checked if checked is not None else self.communicator
+        return sync_batch_norm(input, weight, bias, LayerArgs(
             running_mean if tracking else None,
             running_var if tracking else None,
             self._member(buffers, "num_batches_tracked") if tracking else None,
-            self._shift, self.eps, self.momentum, comm)
-        if isinstance(comm, _CheckedBackward):
-            comm.forward_done = True
-        return out
+            self._shift, self.eps, self.momentum, comm))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (
@@ -247,74 +196,6 @@ class SyncBatchNorm(_BatchNorm):
 
 
 _LOCAL = LocalCommunicator()
-
-_FORWARD, _BACKWARD = 1, 2
-
-
-class _CheckedBackward(Communicator):
-    """Debug mode: the layer's consistency check before each backward collective.
-
-    Forward collectives pass straight through (the forward was checked before
-    validation); once the forward is done, every allreduce is preceded by the
-    same fixed-size check, so a rank that goes on to a backward while the
-    others are in a forward raises on every rank instead of mixing buffers.
-    """
-
-    name = "debug"
-
-    def __init__(self, layer: SyncBatchNorm, inner: Communicator, channels: int,
-                 dtype_code: int, call: int) -> None:
-        super().__init__()
-        self._layer, self._inner = layer, inner
-        self._fields = (channels, dtype_code, _BACKWARD, call)
-        self.forward_done = False
-
-    @property
-    def rank(self) -> int:
-        return self._inner.rank
-
-    @property
-    def size(self) -> int:
-        return self._inner.size
-
-    def _allreduce(self, buf: torch.Tensor) -> None:
-        if self.forward_done:
-            self._layer._check_fields(*self._fields)
-        self._inner.allreduce_(buf)
-
-
-# Debug mode's layer numbers: per process group (None or a name, or the
-# group object itself, forgotten with it), the order of construction.
-_LAYER_COUNTS: dict[Any, int] = {}
-_LAYER_COUNTS_BY_OBJECT: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-
-
-def _next_layer_index(spec: CommSpec) -> int:
-    counts: Any = _LAYER_COUNTS
-    key: Any = spec
-    if spec is not None and not isinstance(spec, str):
-        try:
-            _LAYER_COUNTS_BY_OBJECT.get(spec)
-            counts = _LAYER_COUNTS_BY_OBJECT
-        except TypeError:  # not weak-referenceable
-            key = ("object", id(spec))
-    index = counts.get(key, 0)
-    counts[key] = index + 1
-    return index
-
-_DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
-
-
-def _show(field: str, value: float) -> str:
-    if field == "input dtype":
-        names = {code: str(dt) for dt, code in _DTYPE_CODES.items()}
-        return names.get(int(value), "not floating point")
-    if field == "training":
-        return "train" if value else "eval"
-    if field == "pass":
-        return "forward" if value == _FORWARD else "backward"
-    return str(int(value))
-
 
 def _copy_state(src: _BatchNorm, dst: _BatchNorm) -> None:
     """Make ``dst`` share ``src``'s parameters and buffers (the same objects)."""
@@ -365,28 +246,43 @@ def convert_sync_batchnorm(module: torch.nn.Module,
     return out
 
 
-class _AnyRankBatchNorm(_BatchNorm):
-    """Plain (unsynchronized) batch norm that accepts any input rank >= 2."""
+class BatchNorm(_BatchNorm):
+    r"""Plain, unsynchronized batch normalization over an input of any rank >= 2.
+
+    What :func:`revert_sync_batchnorm` turns a synchronized layer into: the
+    same computation as ``torch.nn.BatchNorm1d/2d/3d`` (it is torch's own
+    implementation), the same constructor, parameters, buffers and
+    ``state_dict`` keys, but, like :class:`SyncBatchNorm`, it accepts every
+    input shape ``(N, C, *)``, so a reverted model runs on whatever the
+    synchronized one did.
+
+    Examples::
+
+        >>> bn = syncbn.BatchNorm(64)
+        >>> y = bn(torch.randn(8, 64, 32, 32))
+    """
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(
-                f"expected an input of at least 2 dimensions (got {input.dim()}D input)")
+                f"BatchNorm: expected an input of at least 2 dimensions (N, C, ...) "
+                f"(got {input.dim()}D input of shape {list(input.shape)})")
 
 
 def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     """Replace every :class:`SyncBatchNorm` (ours or torch's) with plain batch norm.
 
-    For single-process inference or export: the new layers share the
-    parameters and buffers and copy the training flag. They accept every
-    input rank the synchronized layer did, so the same model runs unchanged.
+    For single-process inference or export: every synchronized layer
+    becomes a :class:`syncbn.BatchNorm` that shares its parameters and
+    buffers and copies its training flag. It accepts every input rank the
+    synchronized layer did, so the same model runs unchanged.
 
     Returns:
         The reverted module (``module`` itself unless it is a sync layer).
     """
     out = module
     if isinstance(module, (SyncBatchNorm, torch.nn.SyncBatchNorm)):
-        out = _AnyRankBatchNorm(module.num_features, module.eps, module.momentum,
+        out = BatchNorm(module.num_features, module.eps, module.momentum,
                                 module.affine, module.track_running_stats)
         _copy_state(module, out)
     for name, child in module.named_children():
