@@ -55,13 +55,16 @@ def backward_input(
     mean: Vec,
     invstd: Vec,
     weight: Optional[Param],
-    mean_dy: Vec,
-    mean_dy_xmu: Vec,
+    sum_dy: Vec,
+    sum_dy_xmu: Vec,
     out: Data,
     num_threads: int = 0,
     count: float = 1.0,
 ) -> None:
-    """out = (dy - mean_dy / count - (x - mean) * invstd**2 * mean_dy_xmu / count) * invstd * weight.
+    """out = (dy - sum_dy / count - (x - mean) * invstd**2 * sum_dy_xmu / count) * invstd * weight.
+
+    sum_dy, sum_dy_xmu: the global sums of backward_reduce over count values
+    per channel (with count=1: the means).
 
     Arithmetic in the dtype of the data, centred like normalize; out may be dy or x.
     """

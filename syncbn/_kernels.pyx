@@ -954,18 +954,18 @@ def backward_input(
     mean,                   # IN  (C,) float64
     invstd,                 # IN  (C,) float64
     weight,                 # IN  (C,) float32/float64 or None (= 1)
-    mean_dy,                # IN  (C,) float64: global sum(dy) (/ count)
-    mean_dy_xmu,            # IN  (C,) float64: global sum(dy * (x - mean)) (/ count)
+    sum_dy,                 # IN  (C,) float64: global sum(dy)
+    sum_dy_xmu,             # IN  (C,) float64: global sum(dy * (x - mean))
     out,                    # OUT like x: gradient of the input (may be dy or x itself)
     int num_threads=0,
-    double count=1.0,       # IN  mean_dy and mean_dy_xmu are divided by it
+    double count=1.0,       # IN  the values per channel the sums ran over
 ):
-    """``out = (dy - mean_dy - (x - mean) * invstd**2 * mean_dy_xmu) * invstd * weight``.
+    """``out = (dy - sum_dy / count - (x - mean) * invstd**2 * sum_dy_xmu / count) * invstd * weight``.
 
+    The sums are the reduced buffer of backward_reduce and ``count`` the
+    global count (with the default ``count=1``, pass the means instead).
     Folded into ``dy * a + ((x - mean) * b + k)`` per channel, one pass in the
-    dtype of the data, centred as in normalize (see _float_coefs). With
-    ``count``, mean_dy and mean_dy_xmu may be the global sums themselves (the
-    reduced buffer of backward_reduce), divided here.
+    dtype of the data, centred as in normalize (see _float_coefs).
     """
     cdef Py_ssize_t C = _check_data("dy", dy)
     _check_same("x", x, "dy", <cnp.ndarray>dy)
@@ -973,8 +973,8 @@ def backward_input(
     cdef const double* mu = _ptr(_vec("mean", mean, C))
     cdef const double* inv = _ptr(_vec("invstd", invstd, C))
     cdef FVec w = _fvec("weight", weight, C)
-    cdef const double* mdy = _ptr(_vec("mean_dy", mean_dy, C))
-    cdef const double* mdx = _ptr(_vec("mean_dy_xmu", mean_dy_xmu, C))
+    cdef const double* mdy = _ptr(_vec("sum_dy", sum_dy, C))
+    cdef const double* mdx = _ptr(_vec("sum_dy_xmu", sum_dy_xmu, C))
     cdef Py_ssize_t c
     cdef double a
     cdef double[:, ::1] coef
