@@ -103,6 +103,7 @@ class SyncBatchNorm(_BatchNorm):
         # state_dict, dtype conversions and DDP's broadcasts), which the
         # compiled path carries as a graph input that its operator updates.
         self._shift_tensor = torch.zeros(num_features, dtype=torch.float64)
+        self._shift = self._shift_tensor.numpy()  # the eager path's view (the same memory)
         # names this layer's communicator in the compiled path's operators (_ops.py)
         self._op_key = _ops.register(self)
         if debug is None:
@@ -133,13 +134,10 @@ class SyncBatchNorm(_BatchNorm):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if "_shift_tensor" not in self.__dict__:  # pickled when the shift was a NumPy array
-            self._shift_tensor = torch.from_numpy(self.__dict__.pop("_shift"))
+            self._shift_tensor = torch.from_numpy(self._shift)
+        # a copy's view must be of its own tensor (copied apart, they share no memory)
+        self._shift = self._shift_tensor.numpy()
         self._op_key = _ops.register(self)  # a copy is a new layer: its own key
-
-    @property
-    def _shift(self) -> np.ndarray:
-        """The shift as the eager path's kernels take it (a view of ``_shift_tensor``)."""
-        return self._shift_tensor.numpy()
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
