@@ -27,7 +27,7 @@ from launch import Job, run_job, tool
 
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "compile_worker.py"
-TOL = dict(atol=1e-5, rtol=1e-5)  # float32 through two convolutions
+TOL = dict(atol=1e-4, rtol=1e-4)  # float32: inductor orders the convolutions' sums its own way
 
 
 @pytest.fixture(autouse=True)
@@ -250,6 +250,19 @@ def test_shift_is_float64_state_outside_buffers_and_state_dict() -> None:
     assert bn._shift_tensor.dtype == torch.float64 and torch.equal(bn._shift_tensor, shift)
     bn._shift[0] = 7.0  # the eager path's NumPy view is of the same memory
     assert bn._shift_tensor[0] == 7.0
+
+
+@pytest.mark.slow
+def test_each_layer_object_uses_its_own_communicator() -> None:
+    # one compiled function, two layers: the second must not run with the first's key
+    a, b = (SyncBatchNorm(3, process_group=syncbn.comm.LocalCommunicator()) for _ in range(2))
+    call = torch.compile(lambda layer, x: layer(x), fullgraph=True)
+    x = torch.randn(4, 3)
+    call(a, x)
+    call(b, x)
+    call(b, x)
+    assert (a.communicator.calls, b.communicator.calls) == (1, 2)
+    assert (int(a.num_batches_tracked), int(b.num_batches_tracked)) == (1, 2)
 
 
 @pytest.mark.slow
