@@ -14,10 +14,14 @@ implementation, and runs the same kernels as the eager path inside:
   gradient (``register_autograd``) is that of the whole batch norm: the
   statistics it is given are those of ``x`` over all ranks, so the gradient
   with respect to ``x`` includes their dependence on ``x``.
-* ``syncbn::backward_reduce``: the local ``[sum dy, sum dy * (x - mean)]``
-  and from them the weight and bias gradients (local, like any parameter
-  gradient: the data-parallel wrapper averages them).
-* ``syncbn::backward_input``: the allreduce of those sums and the input gradient.
+* ``syncbn::normalize_backward``: the weight and bias gradients (local,
+  like any parameter gradient: the data-parallel wrapper averages them)
+  and, from the allreduce of ``[sum dy, sum dy * (x - mean)]``, the input
+  gradient.
+
+Two operators forward, because a differentiable operator may not mutate
+its inputs and the statistics step must; one backward (each operator call
+costs tens of microseconds of dispatch).
 
 An operator's arguments are tensors, scalars and strings, so the
 communicator is named by a string: the layer's key in a registry of layers
@@ -174,66 +178,55 @@ def _normalize_fake(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
 # backward                                                                     #
 # --------------------------------------------------------------------------- #
 
-@torch.library.custom_op("syncbn::backward_reduce", mutates_args=(), device_types="cpu")
-def backward_reduce(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    stats: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Local sums ``[sum dy, sum dy * (x - mean)]`` (2C float64), and the weight
-    and bias gradients (C float64 each): ``sum dy * (x - mean) * invstd``, ``sum dy``."""
-    C = x.shape[1]
-    kx = kernel_input(x)
-    dy = kernel_view(grad_out, kx.layout, kx.tensor.dtype)
-    rows = _rows(stats)
-    sums, grad_weight, grad_bias = np.empty(2 * C), np.empty(C), np.empty(C)
-    _kernels.backward_reduce(dy, kx.array, rows[MEAN], sums, torch.get_num_threads(),
-                             rows[INVSTD], grad_weight, grad_bias)
-    return torch.from_numpy(sums), torch.from_numpy(grad_weight), torch.from_numpy(grad_bias)
-
-
-@backward_reduce.register_fake
-def _backward_reduce_fake(grad_out: torch.Tensor, x: torch.Tensor,
-                          stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    C = x.shape[1]
-    return (x.new_empty(2 * C, dtype=torch.float64), x.new_empty(C, dtype=torch.float64),
-            x.new_empty(C, dtype=torch.float64))
-
-
-@torch.library.custom_op("syncbn::backward_input", mutates_args=(), device_types="cpu")
-def backward_input(
+@torch.library.custom_op("syncbn::normalize_backward", mutates_args=(), device_types="cpu")
+def normalize_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
     stats: torch.Tensor,
     count: torch.Tensor,
-    sums: torch.Tensor,
     comm: str,
-) -> torch.Tensor:
-    """The input gradient, from the local ``backward_reduce`` sums summed over ``comm``."""
-    n = float(count)
-    if n == 0:
-        # every rank saw a global count of 0 and skips the collective alike
-        return torch.zeros_like(x)
+    input_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch norm's gradients: (input, weight, bias).
+
+    The weight and bias gradients (float64, C each) are local sums, like any
+    parameter gradient. The input gradient takes the allreduce of the local
+    ``[sum dy, sum dy * (x - mean)]`` over ``comm``; without ``input_grad``
+    neither is done and the first result is empty (every rank decides alike:
+    whether the input needs a gradient is a property of the model).
+    """
     C = x.shape[1]
     kx = kernel_input(x)
     dy = kernel_view(grad_out, kx.layout, kx.tensor.dtype)
     rows = _rows(stats)
-    total = sums.numpy().copy()  # (the operator may not change its input)
-    _communicator(comm).allreduce_array_(total)
+    num_threads = torch.get_num_threads()
+    sums, grad_weight, grad_bias = np.empty(2 * C), np.empty(C), np.empty(C)
+    _kernels.backward_reduce(dy, kx.array, rows[MEAN], sums, num_threads, rows[INVSTD],
+                             grad_weight, grad_bias)
+    grads = torch.from_numpy(grad_weight), torch.from_numpy(grad_bias)
+    n = float(count)
+    if not input_grad:
+        return (x.new_empty(0), *grads)
+    if n == 0:
+        # every rank saw a global count of 0 and skips the collective alike
+        return (torch.zeros_like(x), *grads)
+    _communicator(comm).allreduce_array_(sums)
     out = kx.layout.new_like(kx.tensor, kx.tensor.dtype)
     # (backward_input takes the reduced sums and divides them by the count)
     _kernels.backward_input(dy, kx.array, rows[MEAN], rows[INVSTD], _param(weight),
-                            total[:C], total[C:], out.array, torch.get_num_threads(), n)
+                            sums[:C], sums[C:], out.array, num_threads, n)
     dx = out.tensor if out.tensor.dtype == x.dtype else out.tensor.to(x.dtype)
-    return _strided_like(dx, x)
+    return (_strided_like(dx, x), *grads)
 
 
-@backward_input.register_fake
-def _backward_input_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
-                         stats: torch.Tensor, count: torch.Tensor, sums: torch.Tensor,
-                         comm: str) -> torch.Tensor:
-    return torch.empty_like(x)
+@normalize_backward.register_fake
+def _normalize_backward_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                             stats: torch.Tensor, count: torch.Tensor, comm: str,
+                             input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    C = x.shape[1]
+    return (torch.empty_like(x) if input_grad else x.new_empty(0),
+            x.new_empty(C, dtype=torch.float64), x.new_empty(C, dtype=torch.float64))
 
 
 def _normalize_setup(ctx: torch.autograd.function.FunctionCtx,
@@ -251,11 +244,9 @@ def _normalize_backward(ctx: torch.autograd.function.FunctionCtx,
                         grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
     x, weight, stats, count = ctx.saved_tensors  # type: ignore[attr-defined]
     need_x, need_w, need_b = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
-    sums, grad_weight, grad_bias = backward_reduce(grad_out, x, stats)
-    # Every rank takes the same branches: whether x needs a gradient is a
-    # property of the model, the same on every rank.
-    grad_x = backward_input(grad_out, x, weight, stats, count, sums, ctx.comm) if need_x else None  # type: ignore[attr-defined]
-    return (grad_x,
+    grad_x, grad_weight, grad_bias = normalize_backward(
+        grad_out, x, weight, stats, count, ctx.comm, need_x)  # type: ignore[attr-defined]
+    return (grad_x if need_x else None,
             grad_weight.to(ctx.weight_dtype) if need_w else None,  # type: ignore[attr-defined]
             grad_bias.to(ctx.bias_dtype) if need_b else None,  # type: ignore[attr-defined]
             None, None, None)

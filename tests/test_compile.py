@@ -198,9 +198,9 @@ def test_operators_pass_opcheck() -> None:
         torch.library.opcheck(_ops.normalize,
                               (x.clone().requires_grad_(), w, b, stats, count, _ops.LOCAL))
         dy = torch.randn_like(x)
-        torch.library.opcheck(_ops.backward_reduce, (dy, x, stats))
-        sums, _, _ = _ops.backward_reduce(dy, x, stats)
-        torch.library.opcheck(_ops.backward_input, (dy, x, w.detach(), stats, count, sums, _ops.LOCAL))
+        for input_grad in (True, False):
+            torch.library.opcheck(_ops.normalize_backward,
+                                  (dy, x, w.detach(), stats, count, _ops.LOCAL, input_grad))
 
 
 def test_operators_gradient_is_batch_norms() -> None:
