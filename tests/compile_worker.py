@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import os
 import sys
 from typing import Any, Callable, Optional
 
@@ -200,6 +201,11 @@ def run_case(ctx: Context, name: str, spec: Any) -> Checker:
 CASES: dict[str, dict[str, Any]] = {"mpi": {"mpi": "mpi"}, "torch": {"shm": None, "torch": "torch"}}
 
 
+def say(line: str) -> None:
+    """One line in one write: the ranks share the launcher's pipe."""
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
+
+
 def main(kind: str) -> int:
     torch.set_num_threads(1)
     ctx: Context = MPIContext() if kind == "mpi" else TorchContext()
@@ -211,10 +217,9 @@ def main(kind: str) -> int:
         chk = run_case(ctx, name, spec)
         if chk.failures:
             failed += 1
-            print(f"rank {ctx.rank} case {name} FAIL " + "; ".join(chk.failures[:8]), flush=True)
+            say(f"rank {ctx.rank} case {name} FAIL " + "; ".join(chk.failures[:8]))
         else:
-            print(f"rank {ctx.rank} case {name} ok max_err={chk.max_err:.2g} "
-                  f"neg_diff={chk.neg_diff:.2g}", flush=True)
+            say(f"rank {ctx.rank} case {name} ok max_err={chk.max_err:.2g} neg_diff={chk.neg_diff:.2g}")
     if isinstance(ctx, TorchContext):
         ctx.dist.destroy_process_group()
     return 1 if failed else 0

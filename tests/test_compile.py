@@ -187,7 +187,8 @@ def test_operators_pass_opcheck() -> None:
     C = 3
     for x in (torch.randn(4, C, 2, 3, dtype=torch.float64),
               torch.randn(4, C, 2, 3).to(memory_format=torch.channels_last),
-              torch.randn(5, C)):
+              torch.randn(5, C),
+              torch.randn(4, C, 3).to(torch.bfloat16)):
         shift = torch.zeros(C, dtype=torch.float64)
         running = (torch.zeros(C, dtype=x.dtype), torch.ones(C, dtype=x.dtype),
                    torch.tensor(0, dtype=torch.long))
