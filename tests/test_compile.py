@@ -172,12 +172,25 @@ def test_compiled_wrong_channels_raise_before_any_operator() -> None:
 def test_export_eval_mode() -> None:
     torch.manual_seed(0)
     model = Net()
+    model.bn3 = nn.Identity()  # (a layer without running statistics keeps its operators)
     model(_inputs(0))  # some running statistics
     model.eval()
     x = _inputs(3)
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), model(x))
-    assert "_shift_tensor" not in exported.state_dict  # not state: derived, non-persistent
+    # a portable program: no syncbn operator, no shift
+    assert "syncbn" not in exported.graph_module.code
+    assert not any("shift" in name for name in [*exported.state_dict, *exported.constants])
+
+
+def test_export_training_mode_runs_in_process() -> None:
+    torch.manual_seed(0)
+    model = Net()
+    eager = copy.deepcopy(model)
+    x = _inputs(0)
+    exported = torch.export.export(model, (x,))
+    assert "torch.ops.syncbn.batch_stats" in exported.graph_module.code
+    torch.testing.assert_close(exported.module()(x), eager(x), **TOL)
 
 
 # --- the operators alone ---------------------------------------------------------------
