@@ -133,7 +133,7 @@ class SyncBatchNorm(_BatchNorm):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        if "_shift_tensor" not in self.__dict__:  # pickled when the shift was a NumPy array
+        if "_shift_tensor" not in self.__dict__:  # pickled by an earlier version: a NumPy shift
             self._shift_tensor = torch.from_numpy(self._shift)
         # a copy's view must be of its own tensor (copied apart, they share no memory)
         self._shift = self._shift_tensor.numpy()
