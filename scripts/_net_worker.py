@@ -112,7 +112,8 @@ def _say(group: Group, prefix: str) -> Callable[[str], None]:
 
 
 def time_network(network: str, modes: Sequence[str], batch: Optional[int], channels_last: bool, rounds: int,
-                 warmup: int, clock: Clock, group: Group, say: Callable[[str], None]) -> dict[str, Any]:
+                 warmup: int, clock: Clock, group: Group, say: Callable[[str], None],
+                 compile: bool = False) -> dict[str, Any]:
     """Per-step times of every contender on ``network``: medians and samples, the slowest rank's."""
     spec = NETWORKS[network]
     batch = spec.batch if batch is None else batch
@@ -131,6 +132,8 @@ def time_network(network: str, modes: Sequence[str], batch: Optional[int], chann
     steps: dict[str, Callable[[], None]] = {}
     for name, model in models.items():
         model = model.to(memory_format=memory_format).train()
+        if compile:  # compiled first, then wrapped, as DDP(torch.compile(model))
+            model = torch.compile(model)  # type: ignore[assignment]
         if group.size > 1:
             model = nn.parallel.DistributedDataParallel(model)
         optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
@@ -256,6 +259,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile every contender (warm-up compiles)")
     p.add_argument("--rounds", type=int, required=True)
     p.add_argument("--warmup", type=int, required=True)
     p.add_argument("--layers", action="store_true", help="time single layers instead of networks")
@@ -281,7 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         say(f"started: {group.size} process(es), {args.threads} thread(s) each, clock: {clock.name}, "
             f"syncbn's default communicator: {communicator}")
         networks = {n: time_network(n, args.modes, args.batch, args.channels_last, args.rounds, args.warmup,
-                                    clock, group, say) for n in args.networks}
+                                    clock, group, say, args.compile) for n in args.networks}
         if group.rank == 0:
             doc = {"status": "ok", "world_size": group.size, "threads": args.threads, "clock": clock.name,
                    "communicator": communicator, "networks": networks,

@@ -93,6 +93,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="images per process (default: 8, ResNet-18: 4; --quick: 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
     p.add_argument("--channels-last", action="store_true", help="network and input in channels_last")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every contender but fairscale (compiling happens in the warm-up steps)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 15, --quick: 2; --layers: 30)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per contender (default: 2, --quick: 1)")
     p.add_argument("--quick", action="store_true", help="few rounds, small batches: a smoke test")
@@ -238,7 +240,8 @@ def render(doc: dict[str, Any]) -> str:
     out = ["# syncbn: training step of whole networks", "",
            f"{meta['date']}, syncbn at {meta['git']}, torch {meta['torch']}, {meta['cpu']}, {meta['cores']} cores; "
            f"{meta['rounds']} rounds after {meta['warmup']} warm-up steps, {meta['threads']} thread(s) per process"
-           f"{', channels_last' if meta['channels_last'] else ''}{' (quick)' if meta['quick'] else ''}; "
+           f"{', channels_last' if meta['channels_last'] else ''}"
+           f"{', torch.compile' if meta.get('compile') else ''}{' (quick)' if meta['quick'] else ''}; "
            f"load average {meta['load_before']:.2f} before, {meta['load_after']:.2f} after.", "",
            "Step: zero_grad, forward, cross-entropy, backward, SGD step; DDP (gloo) with more than one "
            "process. Median over rounds of the slowest rank's step; contenders interleaved. "
@@ -364,7 +367,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     meta: dict[str, Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
         "cpu": _cpu_name(), "cores": os.cpu_count(), "git": _git_state(), "rounds": args.rounds,
-        "warmup": args.warmup, "threads": args.threads, "channels_last": args.channels_last, "quick": args.quick,
+        "warmup": args.warmup, "threads": args.threads, "channels_last": args.channels_last, "compile": args.compile, "quick": args.quick,
         "batch": args.batch, "load_before": os.getloadavg()[0],
         "command": " ".join([Path(sys.executable).name, *sys.argv])}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -377,6 +380,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         worker_args += ["--batch", str(args.batch)]
     if args.channels_last:
         worker_args.append("--channels-last")
+    if args.compile:
+        worker_args += ["--compile", "--modes", *(m for m in MODES if m != "fairscale")]
     estimate = sum(estimate_s(args, s) for s in args.settings) * (2 if args.tuned_malloc else 1)
     print(f"bench_net: {len(args.settings)} setting(s) x {len(args.networks)} network(s) x {len(MODES)} "
           f"contenders, {args.rounds} rounds; estimated {estimate / 60:.1f} min if the machine is idle",
@@ -390,7 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                                worker_env(args.threads, tuned), timeout_s(args, s))
             if res.get("status") != "ok":
                 print(f"[{name}] {res.get('status')}", file=sys.stderr, flush=True)
-            elif "fairscale" in MODES and any(n["contenders"].get("fairscale") is None
+            elif "fairscale" in MODES and not args.compile and any(n["contenders"].get("fairscale") is None
                                               for n in res["networks"].values()):
                 print(f"[{name}] note: fairscale is not installed (pip install --no-deps fairscale); "
                       "its contender was skipped", file=sys.stderr, flush=True)

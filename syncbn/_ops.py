@@ -211,7 +211,9 @@ def normalize_backward(
     if n == 0:
         # every rank saw a global count of 0 and skips the collective alike
         return (torch.zeros_like(x), *grads)
-    _communicator(comm).allreduce_array_(sums)
+    communicator = _communicator(comm)
+    if communicator.size > 1:  # (a group of one has no one to wait for)
+        communicator.allreduce_array_(sums)
     out = kx.layout.new_like(kx.tensor, kx.tensor.dtype)
     # (backward_input takes the reduced sums and divides them by the count)
     _kernels.backward_input(dy, kx.array, rows[MEAN], rows[INVSTD], _param(weight),
