@@ -9,31 +9,32 @@ amount of work. Arguments are checked before anything is written: TypeError
 for a wrong type or dtype, ValueError for a wrong shape, length, layout or a
 read-only output, each saying "expected X (got Y)".
 """
-from typing import Optional
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import TypeAlias
 
-Data = npt.NDArray[np.floating]
-Vec = npt.NDArray[np.float64]
-Param = npt.NDArray[np.floating]  # float32 or float64
+_Data: TypeAlias = npt.NDArray[np.floating]
+_Vec: TypeAlias = npt.NDArray[np.float64]
+_Param: TypeAlias = npt.NDArray[np.floating]  # float32 or float64
 
 def openmp_enabled() -> bool: ...
 def max_threads() -> int: ...
 def cython_checks_enabled() -> bool: ...
-def local_stats(x: Data, shift: Vec, out: Vec, num_threads: int = 0) -> None:
+def local_stats(x: _Data, shift: _Vec, out: _Vec, num_threads: int = 0) -> None:
     """out[:C] = sum(x - shift), out[C:2C] = sum((x - shift)**2), out[2C] = count.
 
     float64 sums around a pivot inside each channel's data, so a large
     |mean| / std costs no accuracy; non-finite values give +-inf / NaN sums.
     """
+
 def normalize(
-    x: Data,
-    mean: Vec,
-    invstd: Vec,
-    weight: Optional[Param],
-    bias: Optional[Param],
-    out: Data,
+    x: _Data,
+    mean: _Vec,
+    invstd: _Vec,
+    weight: _Param | None,
+    bias: _Param | None,
+    out: _Data,
     num_threads: int = 0,
 ) -> None:
     """out = (x - mean) * invstd * weight + bias; out may be x.
@@ -41,20 +42,29 @@ def normalize(
     Arithmetic in the dtype of x, centred on mean rounded to it (the rounding
     corrected in float64), so a large |mean| costs no accuracy.
     """
-def backward_reduce(dy: Data, x: Data, mean: Vec, out: Vec, num_threads: int = 0,
-                    invstd: Optional[Vec] = None, grad_weight: Optional[Param] = None,
-                    grad_bias: Optional[Param] = None) -> None:
+
+def backward_reduce(
+    dy: _Data,
+    x: _Data,
+    mean: _Vec,
+    out: _Vec,
+    num_threads: int = 0,
+    invstd: _Vec | None = None,
+    grad_weight: _Param | None = None,
+    grad_bias: _Param | None = None,
+) -> None:
     """out[:C] = sum(dy), out[C:2C] = sum(dy * (x - mean)); and, if given,
     grad_weight = out[C:2C] * invstd, grad_bias = out[:C] (invstd required with grad_weight)."""
+
 def backward_input(
-    dy: Data,
-    x: Data,
-    mean: Vec,
-    invstd: Vec,
-    weight: Optional[Param],
-    mean_dy: Vec,
-    mean_dy_xmu: Vec,
-    out: Data,
+    dy: _Data,
+    x: _Data,
+    mean: _Vec,
+    invstd: _Vec,
+    weight: _Param | None,
+    mean_dy: _Vec,
+    mean_dy_xmu: _Vec,
+    out: _Data,
     num_threads: int = 0,
     count: float = 1.0,
 ) -> None:
@@ -67,16 +77,16 @@ REFINE: float
 """(mean - shift)**2 / var above which finish_stats asks for a second pass."""
 
 def finish_stats(
-    sums: Vec,
-    shift: Vec,
+    sums: _Vec,
+    shift: _Vec,
     eps: float,
     stats: npt.NDArray[np.float64],
     refine: bool = True,
-    next_shift: Optional[Vec] = None,
-    running_mean: Optional[npt.NDArray[np.floating]] = None,
-    running_var: Optional[npt.NDArray[np.floating]] = None,
-    factor: Optional[float] = 0.0,
-    num_batches_tracked: Optional[npt.NDArray[np.int64]] = None,
+    next_shift: _Vec | None = None,
+    running_mean: npt.NDArray[np.floating] | None = None,
+    running_var: npt.NDArray[np.floating] | None = None,
+    factor: float | None = 0.0,
+    num_batches_tracked: npt.NDArray[np.int64] | None = None,
 ) -> bool:
     """stats (3, C) = mean, invstd, biased variance from reduced local_stats sums.
 

@@ -10,6 +10,7 @@
 :func:`get_communicator` turns what a user passes as ``process_group`` into
 one of them. mpi4py and torch.distributed are imported only when asked for.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -80,7 +81,8 @@ def get_communicator(spec: CommSpec = None) -> Communicator:
             return SharedMemoryCommunicator._over(group_segment(auto.group, auto.communicator))
         raise ValueError(
             f"process_group: expected {', '.join(_NAMES)}, a torch.distributed ProcessGroup "
-            f"or an mpi4py communicator (got {spec!r})")
+            f"or an mpi4py communicator (got {spec!r})"
+        )
     if is_mpi_comm(spec):
         return MPICommunicator(spec)
     import torch.distributed as dist
@@ -89,7 +91,8 @@ def get_communicator(spec: CommSpec = None) -> Communicator:
         return _shm_or_torch(spec, TorchCommunicator(spec))
     raise TypeError(
         f"process_group: expected {', '.join(_NAMES)}, a torch.distributed ProcessGroup, "
-        f"an mpi4py communicator or a syncbn.comm.Communicator (got {type(spec).__name__})")
+        f"an mpi4py communicator or a syncbn.comm.Communicator (got {type(spec).__name__})"
+    )
 
 
 @dataclass(frozen=True)
