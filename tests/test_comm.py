@@ -23,22 +23,14 @@ from simulated import CollectiveMismatch, RankGone, SimulatedCommunicator, run_r
 from syncbn import SyncBatchNorm
 from syncbn.comm import (
     Communicator,
+    Launcher,
     LocalCommunicator,
     MPICommunicator,
     TorchCommunicator,
+    auto_backend,
     gather_values,
     get_communicator,
 )
-
-LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
-
-
-@pytest.fixture
-def no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in LAUNCHER_VARS:
-        monkeypatch.delenv(var, raising=False)
-    assert not dist.is_initialized()
-
 
 @pytest.fixture
 def no_mpi4py(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,6 +146,21 @@ def test_bad_spec_in_layer_raises_at_first_forward_before_any_collective() -> No
         bn(torch.randn(4, 2))
 
 
+@pytest.mark.parametrize("torch_size, launcher, shm, expected", [
+    (None, Launcher("none", 1, 0), True, "local"),
+    (None, Launcher("mpirun", 1, 0), True, "local"),       # one rank never imports mpi4py
+    (None, Launcher("mpirun", 3, 1), True, "mpi"),
+    (None, Launcher("mpirun", 3, 1), False, "mpi"),
+    (None, Launcher("torchrun", 2, 0), True, "local"),     # torchrun without init_process_group
+    (2, Launcher("torchrun", 2, 0), True, "shm"),
+    (2, Launcher("torchrun", 2, 0), False, "torch"),       # SYNCBN_SHM=0
+    (1, Launcher("none", 1, 0), True, "torch"),            # one rank: nothing to share
+    (3, Launcher("mpirun", 3, 0), True, "shm"),            # torch.distributed started from MPI wins
+])
+def test_auto_backend(torch_size: Any, launcher: Launcher, shm: bool, expected: str) -> None:
+    assert auto_backend(torch_size, launcher, shm) == expected
+
+
 def test_torch_without_init_says_what_to_do(no_launcher: None) -> None:
     with pytest.raises(RuntimeError, match="init_process_group"):
         get_communicator("torch")
@@ -170,10 +177,11 @@ def test_torch_selected_when_initialized(no_launcher: None, gloo_one_rank: None)
     buf = torch.arange(4, dtype=torch.float64)
     comm.allreduce_(buf)
     assert buf.tolist() == [0.0, 1.0, 2.0, 3.0] and comm.calls == 1
-    # the layer resolves "auto" to torch.distributed too
+    # the layer resolves "auto" to torch.distributed too; in a group of one
+    # it has no one to wait for and issues no collective
     bn = SyncBatchNorm(3)
     bn(torch.randn(4, 3))
-    assert type(bn.communicator) is TorchCommunicator and bn.communicator.calls == 1
+    assert type(bn.communicator) is TorchCommunicator and bn.communicator.calls == 0
 
 
 # --- mpi4py: missing, and through a fake --------------------------------------

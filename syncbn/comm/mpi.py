@@ -13,9 +13,8 @@ import numpy as np
 import torch
 
 from .base import Communicator
-from .launcher import detect_launcher
 
-__all__ = ["MPICommunicator", "import_mpi", "is_mpi_comm", "mpi_world_size"]
+__all__ = ["MPICommunicator", "import_mpi", "is_mpi_comm"]
 
 
 class MPICommunicator(Communicator):
@@ -61,18 +60,3 @@ def is_mpi_comm(obj: Any) -> bool:
     """
     MPI = sys.modules.get("mpi4py.MPI")
     return MPI is not None and isinstance(obj, MPI.Comm)
-
-
-def mpi_world_size() -> int:
-    """Size of MPI ``COMM_WORLD``, or 1 when not under an MPI launcher.
-
-    mpi4py is imported (which initializes MPI) only when the launcher's
-    environment says there is more than one rank, so single-process runs
-    never pay for MPI start-up and never need mpi4py. Under such a launcher
-    a missing mpi4py is an ImportError: falling back to one process would
-    silently train with unsynchronized statistics.
-    """
-    launcher = detect_launcher()
-    if launcher.name != "mpirun" or launcher.size <= 1:
-        return 1
-    return int(import_mpi().COMM_WORLD.Get_size())

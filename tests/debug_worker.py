@@ -1,7 +1,8 @@
-"""Worker for tests/test_reliability.py: rank mistakes and failures under a real launcher.
+"""Worker of tests/test_debug.py: ranks that disagree, and a failing rank, under a real launcher.
 
-    mpiexec -n 3 --oversubscribe python -m mpi4py tests/reliability_worker.py debug
-    torchrun --standalone --nproc_per_node 3 tests/reliability_worker.py debug
+    mpiexec -n 3 --oversubscribe python -m mpi4py tests/debug_worker.py debug
+    torchrun --standalone --nproc_per_node 3 tests/debug_worker.py debug
+    torchrun --standalone --nproc_per_node 2 tests/debug_worker.py mistake NAME
 
 ``debug``: with ``debug=True``, a sequence of scenarios in which one rank
 (rank 1) makes a mistake; every rank must raise the same RuntimeError at the
@@ -16,21 +17,21 @@ step, between forward and backward, while the others wait in the backward
 collective (``rank R failing at <unix time>``): the launcher must end the
 whole job with a non-zero exit code.
 
-``mistake NAME`` (no debug mode; for the README's experiment, not for CI as
-it may hang): rank 1 makes mistake NAME (``num_features``, ``eval``,
-``skip``) in step 0 of three training steps; every rank prints, per step,
-whether its output matches plain batch norm of the global batch.
+``mistake NAME`` (no debug mode; what docs/debugging.md describes): rank 1
+makes mistake NAME (``num_features``, ``eval``, ``skip``) in step 0 of three
+training steps; every rank prints, per step, whether its output matches
+plain batch norm of the global batch (``rank R step K ok|WRONG ...``).
+Under mpiexec, ``eval`` and ``skip`` end in a collective that waits forever.
 """
 from __future__ import annotations
 
-import os
-import re
 import sys
 import time
 from typing import Any, Callable
 
 import torch
 
+from rank_output import normalized, say
 from syncbn import SyncBatchNorm
 from syncbn.comm import detect_launcher
 
@@ -49,18 +50,6 @@ def setup() -> tuple[Any, int, int, str]:
 
     comm = MPI.COMM_WORLD
     return "mpi", comm.Get_rank(), comm.Get_size(), "mpi"
-
-
-def say(rank: int, text: str) -> None:
-    # one write(2) per line: the ranks share the launcher's pipe, and a
-    # write below PIPE_BUF bytes is never interleaved with another's
-    os.write(1, f"rank {rank} {text}\n".encode())
-
-
-def normalized(exc: BaseException) -> str:
-    """The message without the parts that name the reporting rank and its layer."""
-    text = re.sub(r"on rank \d+ of \d+", "on rank * of *", str(exc))
-    return re.sub(r"^SyncBatchNorm\(\d+\)", "SyncBatchNorm(*)", text)
 
 
 def global_batch(step: int, n: int, channels: int = C) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,9 +100,9 @@ def run_debug(pg: Any, rank: int, size: int) -> None:
         try:
             scenario()
         except Exception as exc:  # noqa: BLE001 - reported, then the next scenario
-            say(rank, f"scenario {name} raised {type(exc).__name__}: {normalized(exc)!r}")
+            say(f"rank {rank} scenario {name} raised {type(exc).__name__}: {normalized(exc)!r}")
         else:
-            say(rank, f"scenario {name} no error")
+            say(f"rank {rank} scenario {name} no error")
 
     # in step again: a clean training step, rank 2 without samples
     x, dy = global_batch(0, 6)
@@ -125,7 +114,7 @@ def run_debug(pg: Any, rank: int, size: int) -> None:
     y.backward(dy[lo:hi])
     ref = torch.nn.functional.batch_norm(x.double(), None, None, training=True)[lo:hi]
     ok = torch.allclose(y.double(), ref, atol=1e-5) and xs.grad is not None
-    say(rank, f"scenario clean {'ok' if ok else 'WRONG'}")
+    say(f"rank {rank} scenario clean {'ok' if ok else 'WRONG'}")
 
     # a failing rank: rank 1 raises between forward and backward
     bn = SyncBatchNorm(C, process_group=pg)
@@ -133,10 +122,10 @@ def run_debug(pg: Any, rank: int, size: int) -> None:
         xs = torch.randn(2, C, 3, 3, requires_grad=True)
         y = bn(xs)
         if step == 2 and rank == 1:
-            say(rank, f"failing at {time.time():.3f}")
+            say(f"rank {rank} failing at {time.time():.3f}")
             raise RuntimeError("deliberate failure on rank 1 inside a training step")
         y.square().sum().backward()
-    say(rank, "not aborted")  # rank 0 must never get here: it waits in backward
+    say(f"rank {rank} not aborted")  # rank 0 must never get here: it waits in backward
 
 
 def run_mistake(name: str, pg: Any, rank: int, size: int) -> None:
@@ -146,7 +135,7 @@ def run_mistake(name: str, pg: Any, rank: int, size: int) -> None:
         x, dy = global_batch(step, n, bn.num_features)
         xs = x[2 * rank:2 * rank + 2].clone().requires_grad_()
         if step == 0 and name == "skip" and rank == 1:
-            say(rank, f"step {step} skipped the layer")
+            say(f"rank {rank} step {step} skipped the layer")
             continue
         bn.train(not (step == 0 and name == "eval" and rank == 1))
         start = time.monotonic()
@@ -155,24 +144,24 @@ def run_mistake(name: str, pg: Any, rank: int, size: int) -> None:
         ref = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
         ref = ref[2 * rank:2 * rank + 2]
         diff = float((y.double() - ref).abs().max())
-        say(rank, f"step {step} {'ok' if diff < 1e-4 else 'WRONG'} max|y - ref| = {diff:.3g} "
-                  f"({time.monotonic() - start:.1f} s)")
-    say(rank, "finished")
+        say(f"rank {rank} step {step} {'ok' if diff < 1e-4 else 'WRONG'} max|y - ref| = {diff:.3g} "
+            f"({time.monotonic() - start:.1f} s)")
+    say(f"rank {rank} finished")
 
 
 def main() -> None:
     torch.set_num_threads(1)
     pg, rank, size, backend = setup()
     if size < WORLD_MIN:
-        raise SystemExit(f"reliability_worker: needs at least {WORLD_MIN} ranks (got {size})")
+        raise SystemExit(f"debug_worker: needs at least {WORLD_MIN} ranks (got {size})")
     mode = sys.argv[1] if len(sys.argv) > 1 else "debug"
-    say(rank, f"started backend={backend} size={size} mode={' '.join(sys.argv[1:])}")
+    say(f"rank {rank} started backend={backend} size={size} mode={' '.join(sys.argv[1:])}")
     if mode == "debug":
         run_debug(pg, rank, size)
     elif mode == "mistake":
         run_mistake(sys.argv[2], pg, rank, size)
     else:
-        raise SystemExit(f"reliability_worker: unknown mode {mode!r}")
+        raise SystemExit(f"debug_worker: unknown mode {mode!r}")
 
 
 if __name__ == "__main__":

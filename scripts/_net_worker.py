@@ -1,0 +1,294 @@
+"""The process side of ``scripts/bench_net.py``: times whole training steps (or single layers).
+
+``bench_net.py`` starts this file in every setting, so every setting runs in
+an environment it chose (glibc's default allocator for the headline)::
+
+    python scripts/_net_worker.py --launcher local ...
+    mpiexec -n 2 --oversubscribe python -m mpi4py scripts/_net_worker.py --launcher mpirun ...
+    torchrun --standalone --nproc_per_node 2 scripts/_net_worker.py --launcher torchrun ...
+
+Training step: ``zero_grad``, forward, cross-entropy on random labels,
+backward, ``SGD.step`` (lr 0.01, momentum 0.9). With more than one process
+every contender is wrapped in ``DistributedDataParallel`` (gloo). Timing:
+after warm-up steps, rounds; round r times one step of every contender, in
+an order rotated every round, each step starting after a barrier. A step's
+time is the slowest rank's (one MAX allreduce of all the samples at the
+end). Clock: thread CPU time in one process with one thread (what other work
+on the machine does not inflate), else wall time. Rank 0 writes the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+try:
+    import syncbn
+except ModuleNotFoundError:  # a source checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import syncbn
+
+from _net_modes import MODES, build_contenders
+from networks import NETWORKS
+
+LEARNING_RATE = 0.01
+MOMENTUM = 0.9
+# the per-layer benchmark: shapes of batch norms in the networks above
+LAYER_SHAPES: tuple[tuple[int, int, int, int], ...] = (
+    (8, 16, 32, 32), (8, 32, 16, 16), (8, 64, 8, 8), (8, 96, 8, 8), (8, 1280, 4, 4), (2, 64, 56, 56))
+LAYER_CONTENDERS = ("torch", "torch (A/A)", "syncbn")
+
+
+class Clock(NamedTuple):
+    """A clock in nanoseconds and its name in the report."""
+
+    name: str
+    ns: Callable[[], int]
+
+
+THREAD_CPU = Clock("thread CPU time (time.thread_time_ns)", time.thread_time_ns)
+WALL = Clock("wall time (time.perf_counter_ns)", time.perf_counter_ns)
+
+
+def choose_clock(world_size: int, threads: int) -> Clock:
+    return THREAD_CPU if world_size == 1 and threads == 1 else WALL
+
+
+class Group(NamedTuple):
+    """This process in the job: its rank and the job's size (torch.distributed is up)."""
+
+    rank: int
+    size: int
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    def slowest(self, samples: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum over the ranks (float64 tensor, in place)."""
+        if self.size > 1:
+            dist.all_reduce(samples, op=dist.ReduceOp.MAX)
+        return samples
+
+
+@contextlib.contextmanager
+def process_group(launcher: str) -> Iterator[Group]:
+    """torch.distributed's default group for ``launcher``; in one process a 1-rank gloo group
+    (fairscale's layer synchronizes only when torch.distributed is up)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if launcher == "mpirun":
+            syncbn.init_process_group_from_mpi("gloo")
+        elif launcher == "torchrun":
+            dist.init_process_group("gloo")
+        else:
+            dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=0, world_size=1)
+        try:
+            yield Group(dist.get_rank(), dist.get_world_size())
+        finally:
+            dist.destroy_process_group()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, labels: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), labels).backward()
+    optimizer.step()
+
+
+def _say(group: Group, prefix: str) -> Callable[[str], None]:
+    def say(line: str) -> None:
+        if group.rank == 0:
+            print(f"[{prefix}] {line}", file=sys.stderr, flush=True)
+    return say
+
+
+def time_network(network: str, modes: Sequence[str], batch: Optional[int], channels_last: bool, rounds: int,
+                 warmup: int, clock: Clock, group: Group, say: Callable[[str], None]) -> dict[str, Any]:
+    """Per-step times of every contender on ``network``: medians and samples, the slowest rank's."""
+    spec = NETWORKS[network]
+    batch = spec.batch if batch is None else batch
+    torch.manual_seed(0)  # the same initial weights on every rank and for every contender
+    base = spec.build(spec.num_classes)
+    built = build_contenders(base, list(modes))
+    skipped = [m for m, model in built.items() if model is None]
+    models: dict[str, nn.Module] = {m: model for m, model in built.items() if model is not None}
+    if skipped:
+        say(f"{network}: skipped (not installed): {', '.join(skipped)}")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(1000 + group.rank)  # each rank its own shard
+    x = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=gen).contiguous(
+        memory_format=memory_format)
+    labels = torch.randint(0, spec.num_classes, (batch,), generator=gen)
+    steps: dict[str, Callable[[], None]] = {}
+    for name, model in models.items():
+        model = model.to(memory_format=memory_format).train()
+        if group.size > 1:
+            model = nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+        steps[name] = lambda model=model, optimizer=optimizer: train_step(model, optimizer, x, labels)
+    names = list(steps)
+    calls_before = _collectives(models)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        for name in names:
+            group.barrier()
+            steps[name]()
+    warm_s = time.perf_counter() - t0
+    say(f"{network}: batch {batch}/process, {len(names)} contenders, warm-up {warmup} steps each in "
+        f"{warm_s:.1f} s; {rounds} rounds, about {warm_s / max(warmup, 1) * rounds:.0f} s")
+    samples = torch.zeros(len(names), rounds, dtype=torch.float64)
+    report_every = max(1, rounds // 5)
+    for r in range(rounds):
+        for k in range(len(names)):
+            i = (r + k) % len(names)
+            group.barrier()
+            start = clock.ns()
+            steps[names[i]]()
+            samples[i, r] = (clock.ns() - start) * 1e-9
+        if (r + 1) % report_every == 0 or r + 1 == rounds:
+            say(f"{network}: round {r + 1}/{rounds}")
+    samples = group.slowest(samples)
+    calls = _collectives(models)
+    out: dict[str, Any] = {"batch": batch, "image_size": spec.image_size, "batchnorms": spec.batchnorms,
+                           "contenders": {}}
+    for i, name in enumerate(names):
+        s = samples[i].tolist()
+        median = statistics.median(s)
+        entry = {"median_s": median, "samples_s": s, "images_per_s": batch * group.size / median}
+        if name in calls:
+            entry["collectives_per_step"] = (calls[name] - calls_before.get(name, 0)) / (warmup + rounds)
+        out["contenders"][name] = entry
+    for name in skipped:
+        out["contenders"][name] = None
+    say(f"{network}: " + ", ".join(
+        f"{n} {out['contenders'][n]['median_s'] * 1e3:.1f} ms" for n in names))
+    return out
+
+
+def _collectives(models: dict[str, nn.Module]) -> dict[str, int]:
+    """Collectives issued so far through syncbn communicators, per contender (those that use one)."""
+    out = {}
+    for name, model in models.items():
+        comms = {id(c): c for c in (_communicator_of(m) for m in model.modules()) if c is not None}
+        if comms:
+            out[name] = sum(c.calls for c in comms.values())
+    return out
+
+
+def _communicator_of(module: nn.Module) -> Optional[syncbn.Communicator]:
+    if isinstance(module, syncbn.SyncBatchNorm):
+        return module.communicator
+    comm = getattr(module, "comm", None)
+    return comm if isinstance(comm, syncbn.Communicator) else None
+
+
+# ----------------------------------------------------------------------------- one layer alone
+
+
+def time_layers(rounds: int, warmup: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """Forward and backward times of syncbn.SyncBatchNorm vs torch.nn.BatchNorm2d, thread CPU time.
+
+    Forward is ``y = layer(x)`` (graph creation included), backward
+    ``y.backward(g)`` with a fixed ``g``. A measurement is a block of ``k``
+    forwards, then the ``k`` backwards of their outputs, per call.
+    """
+    out: dict[str, Any] = {}
+    for shape in LAYER_SHAPES:
+        gen = torch.Generator().manual_seed(0)
+        x = (torch.randn(shape, generator=gen) * 2.0 + 0.5).requires_grad_()
+        g = torch.randn(shape, generator=gen)
+        layers: dict[str, nn.Module] = {
+            "torch": nn.BatchNorm2d(shape[1]), "torch (A/A)": nn.BatchNorm2d(shape[1]),
+            "syncbn": syncbn.SyncBatchNorm(shape[1], process_group="local")}
+        per_block = max(1, min(50, 1_000_000 // x.numel()))  # about a millisecond of forwards at 1 ns per value
+
+        def block(layer: nn.Module) -> tuple[float, float]:
+            start = time.thread_time_ns()
+            ys = [layer(x) for _ in range(per_block)]
+            middle = time.thread_time_ns()
+            for y in ys:
+                x.grad = None
+                layer.zero_grad(set_to_none=True)
+                y.backward(g)
+            end = time.thread_time_ns()
+            return (middle - start) * 1e-9 / per_block, (end - middle) * 1e-9 / per_block
+
+        for _ in range(warmup):
+            for layer in layers.values():
+                block(layer)
+        forward: dict[str, list[float]] = {n: [] for n in layers}
+        backward: dict[str, list[float]] = {n: [] for n in layers}
+        names = list(layers)
+        for r in range(rounds):
+            for k in range(len(names)):
+                name = names[(r + k) % len(names)]
+                f, b = block(layers[name])
+                forward[name].append(f)
+                backward[name].append(b)
+        key = "x".join(map(str, shape))
+        out[key] = {n: {"forward_s": statistics.median(forward[n]), "backward_s": statistics.median(backward[n]),
+                        "forward_samples_s": forward[n], "backward_samples_s": backward[n]} for n in names}
+        say(f"layer {key}: " + ", ".join(
+            f"{n} fwd {out[key][n]['forward_s'] * 1e6:.0f} us bwd {out[key][n]['backward_s'] * 1e6:.0f} us"
+            for n in names))
+    return out
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="bench_net.py's worker (one process of a setting)")
+    p.add_argument("--launcher", choices=["local", "mpirun", "torchrun"], required=True)
+    p.add_argument("--label", required=True, help="the setting's name in progress lines")
+    p.add_argument("--result", type=Path, required=True, help="rank 0 writes its JSON here")
+    p.add_argument("--networks", nargs="+", choices=list(NETWORKS), default=list(NETWORKS))
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--rounds", type=int, required=True)
+    p.add_argument("--warmup", type=int, required=True)
+    p.add_argument("--layers", action="store_true", help="time single layers instead of networks")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    wall = time.perf_counter()
+    if args.layers:
+        say = lambda line: print(f"[{args.label}] {line}", file=sys.stderr, flush=True)  # noqa: E731
+        doc: dict[str, Any] = {"status": "ok", "clock": THREAD_CPU.name, "threads": args.threads,
+                               "layers": time_layers(args.rounds, args.warmup, say)}
+        doc["wall_s"] = time.perf_counter() - wall
+        args.result.write_text(json.dumps(doc))
+        return
+    with process_group(args.launcher) as group:
+        say = _say(group, args.label)
+        clock = choose_clock(group.size, args.threads)
+        # a collective the first time (shared memory is set up): every rank asks
+        communicator = type(syncbn.get_communicator(None)).__name__
+        say(f"started: {group.size} process(es), {args.threads} thread(s) each, clock: {clock.name}, "
+            f"syncbn's default communicator: {communicator}")
+        networks = {n: time_network(n, args.modes, args.batch, args.channels_last, args.rounds, args.warmup,
+                                    clock, group, say) for n in args.networks}
+        if group.rank == 0:
+            doc = {"status": "ok", "world_size": group.size, "threads": args.threads, "clock": clock.name,
+                   "communicator": communicator, "networks": networks,
+                   "wall_s": time.perf_counter() - wall}
+            args.result.write_text(json.dumps(doc))
+        group.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Data for comparing a synchronized layer with torch's batch norm.
+
+A batch whose channels have different means and scales and a loss weight
+(so a mix-up of channels shows), and affine parameters away from the
+defaults 1 and 0 (so a dropped or swapped weight shows). Used by the
+single-process tests and by the multi-process worker alike.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def batch(shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype,
+          memory_format: torch.memory_format = torch.contiguous_format,
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input (channel c: mean 3c - 2, scale c + 1) and a loss weight, drawn from ``gen``."""
+    bcast = (1, shape[1]) + (1,) * (len(shape) - 2)
+    offset = torch.arange(shape[1], dtype=torch.float64).view(bcast) * 3 - 2
+    scale = torch.arange(1, shape[1] + 1, dtype=torch.float64).view(bcast)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return x.to(dtype).contiguous(memory_format=memory_format), g.to(dtype)
+
+
+def set_random_affine(layer: nn.Module, seed: int) -> None:
+    """Weight in [0.5, 1.5) and a normal bias from ``seed``, if the layer has them."""
+    if layer.affine:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            layer.weight.copy_(torch.rand(layer.num_features, generator=gen, dtype=torch.float64) + 0.5)
+            layer.bias.copy_(torch.randn(layer.num_features, generator=gen, dtype=torch.float64))
