@@ -3,11 +3,13 @@
 Data arrays are C-contiguous, aligned float32 or float64 numpy arrays in
 native byte order, of shape (N, C, L) (channels-first) or (M, C) (rows: 2-D
 and channels-last input). Per-channel vectors are 1-D float64 arrays of
-length C (weight, bias and running statistics: float32 or float64).
-``num_threads=0`` means OpenMP's default; the count is capped by the
-amount of work. Arguments are checked before anything is written: TypeError
-for a wrong type or dtype, ValueError for a wrong shape, length, layout or a
-read-only output, each saying "expected X (got Y)".
+length C (weight, bias, their gradients and running statistics: float32 or
+float64). ``num_threads=0`` means OpenMP's default; the count is capped by
+the amount of work. Arguments are checked before anything is written:
+TypeError for a wrong type or dtype, a vector or stats array with the wrong
+number of dimensions, or a counter of other than one element; ValueError for
+any other wrong shape, length, layout, a read-only output or a count out of
+range; each saying "expected X (got Y)".
 """
 
 import numpy as np
@@ -24,8 +26,9 @@ def cython_checks_enabled() -> bool: ...
 def local_stats(x: _Data, shift: _Vec, out: _Vec, num_threads: int = 0) -> None:
     """out[:C] = sum(x - shift), out[C:2C] = sum((x - shift)**2), out[2C] = count.
 
-    float64 sums around a pivot inside each channel's data, so a large
-    |mean| / std costs no accuracy; non-finite values give +-inf / NaN sums.
+    float64 sums around a pivot (each channel's first value), so a large
+    |mean| / std by itself costs no accuracy (a shift far from the mean does:
+    see finish_stats' refine); non-finite values give +-inf / NaN sums.
     """
 
 def normalize(
@@ -62,13 +65,16 @@ def backward_input(
     mean: _Vec,
     invstd: _Vec,
     weight: _Param | None,
-    mean_dy: _Vec,
-    mean_dy_xmu: _Vec,
+    sum_dy: _Vec,
+    sum_dy_xmu: _Vec,
     out: _Data,
     num_threads: int = 0,
     count: float = 1.0,
 ) -> None:
-    """out = (dy - mean_dy / count - (x - mean) * invstd**2 * mean_dy_xmu / count) * invstd * weight.
+    """out = (dy - sum_dy / count - (x - mean) * invstd**2 * sum_dy_xmu / count) * invstd * weight.
+
+    sum_dy, sum_dy_xmu: the global sums of backward_reduce over count values
+    per channel (with count=1: the means).
 
     Arithmetic in the dtype of the data, centred like normalize; out may be dy or x.
     """
@@ -91,11 +97,12 @@ def finish_stats(
     """stats (3, C) = mean, invstd, biased variance from reduced local_stats sums.
 
     Returns True (only stats[0], the better shift, written) when refine is set
-    and some channel has (mean - shift)**2 > REFINE * var: sum again around
-    stats[0] and call back with refine=False. Otherwise copies the finite
-    means to next_shift, adds 1 to num_batches_tracked, updates the running
-    statistics (float32 or float64, torch's formula, unbiased variance; factor
-    None: 1 / num_batches_tracked) and returns False.
+    and some channel has a finite mean - shift with
+    (mean - shift)**2 > REFINE * var: sum again around stats[0] and call back
+    with refine=False. Otherwise copies the finite means to next_shift, adds 1
+    to num_batches_tracked, updates the running statistics (float32 or
+    float64, torch's formula, unbiased variance; factor None:
+    1 / num_batches_tracked) and returns False.
     """
 
 def local_forward(

@@ -7,17 +7,21 @@ Two memory layouts, so that no input ever needs a transposed copy:
   of the spatial dimensions (L may be 1);
 * rows ``(M, C)``: 2-D input and channels-last tensors, M = N * spatial.
 
-Both must be C-contiguous, float32 or float64. Per-channel vectors (shift,
-mean, invstd, weight, bias, ...) are float64 of length C, and every reduction
-accumulates in float64 whatever the input dtype.
+Both must be C-contiguous, float32 or float64. Per-channel vectors have
+length C: the statistics (shift, mean, invstd, sums) are float64; weight,
+bias, their gradients and the running statistics are float32 or float64,
+used in their own dtype. Every reduction accumulates in float64 whatever the
+input dtype.
 
 Each public ``def`` validates (with the numpy C API: well under a microsecond)
 and raises errors saying "expected X (got Y)"; the arithmetic lives in
 ``noexcept nogil`` helpers over typed memoryviews, fused over float and
 double. The helpers index the memoryviews in their inner loops, so a build
-with SYNCBN_CYTHON_CHECKS=1 checks every access. They see a channels-first
-tensor as its (N * C, L) matrix of runs: row r = n * C + c is the run of
-channel c in sample n.
+with SYNCBN_CYTHON_CHECKS=1 checks every access to the data; the short
+per-channel loops of the ``def`` functions (and all of finish_stats) use raw
+pointers to vectors whose lengths were validated, which it does not check.
+The helpers see a channels-first tensor as its (N * C, L) matrix of runs:
+row r = n * C + c is the run of channel c in sample n.
 
 ``num_threads=0`` means "as many as OpenMP allows"; the count is further
 capped by the amount of work, so small tensors never pay for a thread team,
@@ -25,16 +29,22 @@ and one thread runs without a parallel region.
 
 How the work is split. A channels-first tensor is N * C runs of L contiguous
 values; when there are fewer runs than the threads need (C small, N * L
-large) each run is cut into S *pieces*. Pieces (or rows, for the rows layout)
+large) each run is cut into S *pieces* (S > 1 only with several threads and
+runs of more than MIN_PIECE values). Pieces (or rows, for the rows layout)
 are dealt out in one contiguous *share* per thread, each share with its own
-partial sums, merged at the end, so the result does not depend on how many
-threads OpenMP actually starts. The reductions go through short runs
-(L < STREAM_MIN_L) channel by channel and through long runs in memory order;
-rows a block of ROWS rows at a time. The element-wise passes go in memory order.
+partial sums, merged in share order at the end, so the result depends on the
+thread count the work split chose, not on how many threads OpenMP actually
+starts. The reductions go through short runs (L < STREAM_MIN_L) channel by
+channel and through long runs in memory order; rows a block of ROWS rows at
+a time. The element-wise passes go in memory order.
 
-Accuracy. Sums are float64; a run's partial sums go to a second-level sum
-every BLOCK values (rows: every ROWS rows), so no float64 sum runs
-sequentially over more than a few thousand terms.
+Accuracy. Sums are float64 and two-level: the first level sums at most BLOCK
+consecutive values of one run (rows: ROWS rows of each column), the second
+adds those block sums one after another, per channel and share. For a
+channel of n values the longest chain of additions is about
+min(L, BLOCK) + n / min(L, BLOCK) terms (rows: ROWS + n / ROWS) instead of n:
+a few thousand for long runs, but up to about N for short ones (one block
+per run).
 
 Vectorization. The reduction loops vectorize only when the compiler may
 reorder their float64 sums: setup.py passes -fassociative-math and its
@@ -85,7 +95,8 @@ cdef enum:
     # 130K; below that the team's start and its idle spinning after the
     # region cost more than the halved loop saves).
     GRAIN = 65536
-    # Smallest piece a run is cut into when runs are fewer than threads need.
+    # Runs are cut (when fewer than the threads need) into at most
+    # ceil(L / MIN_PIECE) pieces: all but a run's last have over MIN_PIECE / 2 values.
     MIN_PIECE = 4096
     # Runs at least this long are reduced in memory order, run by run; shorter
     # runs channel by channel, all N runs of a channel into one partial sum.
@@ -94,6 +105,28 @@ cdef enum:
     BLOCK = 4096
     # Rows summed (rows layout) before the partial sums go to the second level.
     ROWS = 256
+
+# Rows of a share's partial sums, acc[t] of the (nt + 1, ACC_ROWS, >= C) array
+# of _partials: the two sums of a reduction (local_stats: of x - pivot and its
+# square; backward_reduce: of dy and dy * (x - mean)), and the sums of the
+# current block of ROWS rows (rows layout only) before they go to the first two.
+cdef enum:
+    SUM1 = 0
+    SUM2 = 1
+    BLOCK_SUM1 = 2
+    BLOCK_SUM2 = 3
+    ACC_ROWS = 4
+
+# Rows of the (COEF_ROWS, C) per-channel coefficients m, a, b, k of an affine pass:
+#   forward:   out = (x - m) * a + k
+#   backward:  out = dy * a + ((x - m) * b + k)
+cdef enum:
+    COEF_MEAN = 0       # m: the mean (float32 data: rounded to float32, see _float_coefs)
+    COEF_SCALE = 1      # a: invstd * weight
+    COEF_XMU = 2        # b: the backward form's coefficient of x - m (0 in the forward form)
+    COEF_OFFSET = 3     # k: bias (forward) or -a * mean(dy) (backward), float32 data:
+                        #    plus the correction for the rounding of m
+    COEF_ROWS = 4
 
 # (mean - shift)^2 / var above which finish_stats asks for the sums again
 # around the mean. The variance's relative error is about 1e-16 times this
@@ -266,52 +299,40 @@ cdef object _rows(cnp.ndarray x):
 # inner loops
 # ---------------------------------------------------------------------------
 
-cdef inline void _moments(
-    const floating[:, ::1] x,   # IN  runs
-    Py_ssize_t r,               # IN  run
-    Py_ssize_t start,           # IN
-    Py_ssize_t stop,            # IN
-    double p,                   # IN  pivot
-    double* s1,                 # OUT += sum(x[r, start:stop] - p)
-    double* s2,                 # OUT += sum((x[r, start:stop] - p)^2)
-) noexcept nogil:
-    cdef double a, b, d
-    cdef Py_ssize_t i, j, e
-    j = start
-    while j < stop:
-        e = min(j + BLOCK, stop)
-        a = 0.0
-        b = 0.0
-        for i in range(j, e):
-            d = <double>x[r, i] - p
-            a += d
-            b += d * d
-        s1[0] += a
-        s2[0] += b
-        j = e
+# Both reductions are a pair of sums over the same values: the statistics
+# sum(x - p) and sum((x - p)^2) around a pivot p (dot False), the backward's
+# sum(dy) and sum(dy * (x - mu)) (dot True). Along a run one skeleton serves
+# both; the branch on dot sits outside the inner loops, so each inner loop is
+# a plain loop of its own that the compiler vectorizes.
 
-
-cdef inline void _dot(
-    const floating[:, ::1] dy,  # IN  runs
+cdef inline void _run_sums(
+    const floating[:, ::1] dy,  # IN  runs (read only when dot)
     const floating[:, ::1] x,   # IN  like dy
     Py_ssize_t r,               # IN  run
     Py_ssize_t start,           # IN
     Py_ssize_t stop,            # IN
-    double mu,                  # IN
-    double* s1,                 # OUT += sum(dy[r, start:stop])
-    double* s2,                 # OUT += sum(dy * (x - mu)) over the same values
+    double ref,                 # IN  the pivot p, or the mean mu when dot
+    bint dot,                   # IN  the backward's sums
+    double* s1,                 # OUT += sum(x - p), or sum(dy), over x[r, start:stop]
+    double* s2,                 # OUT += sum((x - p)^2), or sum(dy * (x - mu))
 ) noexcept nogil:
-    cdef double a, b, g
+    cdef double a, b, d, g
     cdef Py_ssize_t i, j, e
     j = start
     while j < stop:
         e = min(j + BLOCK, stop)
         a = 0.0
         b = 0.0
-        for i in range(j, e):
-            g = <double>dy[r, i]
-            a += g
-            b += g * (<double>x[r, i] - mu)
+        if dot:
+            for i in range(j, e):
+                g = <double>dy[r, i]
+                a += g
+                b += g * (<double>x[r, i] - ref)
+        else:
+            for i in range(j, e):
+                d = <double>x[r, i] - ref
+                a += d
+                b += d * d
         s1[0] += a
         s2[0] += b
         j = e
@@ -322,8 +343,8 @@ cdef void _cols_moments(
     Py_ssize_t m0,              # IN  first row
     Py_ssize_t m1,              # IN  end row
     const double[::1] p,        # IN  (C,) pivot
-    double[:, :, ::1] acc,      # OUT acc[t, 0] += sum(x - p), acc[t, 1] += sum((x - p)^2)
-    Py_ssize_t t,               # IN  share; acc[t, 2:4] are scratch
+    double[:, :, ::1] acc,      # OUT acc[t, SUM1] += sum(x - p), acc[t, SUM2] += sum((x - p)^2)
+    Py_ssize_t t,               # IN  share; acc[t, BLOCK_SUM1:] are scratch
 ) noexcept nogil:
     cdef Py_ssize_t C = x.shape[1], j, e, m, c
     cdef double d, d1, d2, d3
@@ -331,8 +352,8 @@ cdef void _cols_moments(
     while j < m1:
         e = min(j + ROWS, m1)
         for c in range(C):
-            acc[t, 2, c] = 0.0
-            acc[t, 3, c] = 0.0
+            acc[t, BLOCK_SUM1, c] = 0.0
+            acc[t, BLOCK_SUM2, c] = 0.0
         # four rows at a time: a quarter of the loads and stores of the scratch
         m = j
         while m + 4 <= e:
@@ -341,29 +362,34 @@ cdef void _cols_moments(
                 d1 = <double>x[m + 1, c] - p[c]
                 d2 = <double>x[m + 2, c] - p[c]
                 d3 = <double>x[m + 3, c] - p[c]
-                acc[t, 2, c] += (d + d1) + (d2 + d3)
-                acc[t, 3, c] += (d * d + d1 * d1) + (d2 * d2 + d3 * d3)
+                acc[t, BLOCK_SUM1, c] += (d + d1) + (d2 + d3)
+                acc[t, BLOCK_SUM2, c] += (d * d + d1 * d1) + (d2 * d2 + d3 * d3)
             m += 4
         while m < e:
             for c in range(C):
                 d = <double>x[m, c] - p[c]
-                acc[t, 2, c] += d
-                acc[t, 3, c] += d * d
+                acc[t, BLOCK_SUM1, c] += d
+                acc[t, BLOCK_SUM2, c] += d * d
             m += 1
         for c in range(C):
-            acc[t, 0, c] += acc[t, 2, c]
-            acc[t, 1, c] += acc[t, 3, c]
+            acc[t, SUM1, c] += acc[t, BLOCK_SUM1, c]
+            acc[t, SUM2, c] += acc[t, BLOCK_SUM2, c]
         j = e
 
 
+# _cols_dot is _cols_moments with the backward's sums: the same row blocking,
+# written twice on purpose. One function for both (a dot flag, as _run_sums
+# has) made local_stats about 5% slower on short-run channels-first tensors
+# (2x512x7x7, measured against this form): both are inlined into _sums_share,
+# and the merged one changed gcc's code for the whole of it.
 cdef void _cols_dot(
     const floating[:, ::1] dy,  # IN  (M, C) rows
     const floating[:, ::1] x,   # IN  like dy
     Py_ssize_t m0,              # IN  first row
     Py_ssize_t m1,              # IN  end row
     const double[::1] mu,       # IN  (C,)
-    double[:, :, ::1] acc,      # OUT acc[t, 0] += sum(dy), acc[t, 1] += sum(dy * (x - mu))
-    Py_ssize_t t,               # IN  share; acc[t, 2:4] are scratch
+    double[:, :, ::1] acc,      # OUT acc[t, SUM1] += sum(dy), acc[t, SUM2] += sum(dy * (x - mu))
+    Py_ssize_t t,               # IN  share; acc[t, BLOCK_SUM1:] are scratch
 ) noexcept nogil:
     cdef Py_ssize_t C = x.shape[1], j, e, m, c
     cdef double g, g1, g2, g3
@@ -371,8 +397,8 @@ cdef void _cols_dot(
     while j < m1:
         e = min(j + ROWS, m1)
         for c in range(C):
-            acc[t, 2, c] = 0.0
-            acc[t, 3, c] = 0.0
+            acc[t, BLOCK_SUM1, c] = 0.0
+            acc[t, BLOCK_SUM2, c] = 0.0
         # four rows at a time: a quarter of the loads and stores of the scratch
         m = j
         while m + 4 <= e:
@@ -381,8 +407,8 @@ cdef void _cols_dot(
                 g1 = <double>dy[m + 1, c]
                 g2 = <double>dy[m + 2, c]
                 g3 = <double>dy[m + 3, c]
-                acc[t, 2, c] += (g + g1) + (g2 + g3)
-                acc[t, 3, c] += ((g * (<double>x[m, c] - mu[c])
+                acc[t, BLOCK_SUM1, c] += (g + g1) + (g2 + g3)
+                acc[t, BLOCK_SUM2, c] += ((g * (<double>x[m, c] - mu[c])
                                   + g1 * (<double>x[m + 1, c] - mu[c]))
                                  + (g2 * (<double>x[m + 2, c] - mu[c])
                                     + g3 * (<double>x[m + 3, c] - mu[c])))
@@ -390,12 +416,12 @@ cdef void _cols_dot(
         while m < e:
             for c in range(C):
                 g = <double>dy[m, c]
-                acc[t, 2, c] += g
-                acc[t, 3, c] += g * (<double>x[m, c] - mu[c])
+                acc[t, BLOCK_SUM1, c] += g
+                acc[t, BLOCK_SUM2, c] += g * (<double>x[m, c] - mu[c])
             m += 1
         for c in range(C):
-            acc[t, 0, c] += acc[t, 2, c]
-            acc[t, 1, c] += acc[t, 3, c]
+            acc[t, SUM1, c] += acc[t, BLOCK_SUM1, c]
+            acc[t, SUM2, c] += acc[t, BLOCK_SUM2, c]
         j = e
 
 
@@ -413,7 +439,7 @@ cdef inline void _affine_run(
     bint two,                   # IN  out = x * a + ((z - m) * b + k), else (x - m) * a + k
 ) noexcept nogil:
     # each value is loaded before its own result is stored, so out may be x or z;
-    # the arithmetic is in the dtype of x (see _affine_coefs for why that is accurate)
+    # the arithmetic is in the dtype of x (see _float_coefs for why that is accurate)
     cdef Py_ssize_t i
     if two:
         for i in range(start, stop):
@@ -429,22 +455,32 @@ cdef void _affine_rows(
     floating[:, ::1] out,       # OUT like x (may be x or z)
     Py_ssize_t m0,              # IN  first row
     Py_ssize_t m1,              # IN  end row
-    const floating[:, ::1] coef,  # IN  (4, C) m, a, b, k as in _affine_run
+    const floating[:, ::1] coef,  # IN  (COEF_ROWS, C) m, a, b, k as in _affine_run
     bint two,                   # IN  as in _affine_run
 ) noexcept nogil:
     cdef Py_ssize_t C = x.shape[1], m, c
     for m in range(m0, m1):
         if two:
             for c in range(C):
-                out[m, c] = x[m, c] * coef[1, c] + ((z[m, c] - coef[0, c]) * coef[2, c]
-                                                    + coef[3, c])
+                out[m, c] = x[m, c] * coef[COEF_SCALE, c] + (
+                    (z[m, c] - coef[COEF_MEAN, c]) * coef[COEF_XMU, c] + coef[COEF_OFFSET, c])
         else:
             for c in range(C):
-                out[m, c] = (x[m, c] - coef[0, c]) * coef[1, c] + coef[3, c]
+                out[m, c] = ((x[m, c] - coef[COEF_MEAN, c]) * coef[COEF_SCALE, c]
+                             + coef[COEF_OFFSET, c])
 
 
 # ---------------------------------------------------------------------------
 # the work split
+#
+# The helpers that divide indices carry @cython.cdivision(True). The module
+# default turns cdivision off in the checked build (SYNCBN_CYTHON_CHECKS=1, see
+# setup.py), where Cython gives // and % Python's floor semantics plus a test
+# for a zero divisor. Here every operand is >= 0 and every divisor >= 1 (the
+# kernels return before splitting an empty tensor), so C division gives the
+# same numbers, and both builds run the same index arithmetic; besides, a
+# noexcept nogil function cannot raise the ZeroDivisionError: Cython would
+# only print it as unraisable and return 0.
 # ---------------------------------------------------------------------------
 
 cdef int _threads(int requested, Py_ssize_t work, Py_ssize_t parts) noexcept nogil:
@@ -458,9 +494,10 @@ cdef int _threads(int requested, Py_ssize_t work, Py_ssize_t parts) noexcept nog
     return t if t > 0 else 1
 
 
-@cython.cdivision(True)
+@cython.cdivision(True)    # (see the top of this section)
 cdef Py_ssize_t _pieces(Py_ssize_t runs, Py_ssize_t L, int nt) noexcept nogil:
-    """Pieces per run: about 8 per thread when runs are few, none under MIN_PIECE."""
+    """Pieces per run S: 1 with one thread or at least 8 runs per thread; else
+    enough for about 8 pieces per thread in all, but at most ceil(L / MIN_PIECE)."""
     if nt <= 1 or runs >= 8 * nt:
         return 1
     cdef Py_ssize_t s = (8 * nt + runs - 1) // runs
@@ -468,14 +505,14 @@ cdef Py_ssize_t _pieces(Py_ssize_t runs, Py_ssize_t L, int nt) noexcept nogil:
     return s if s < most else most
 
 
-@cython.cdivision(True)
+@cython.cdivision(True)    # (see the top of this section)
 cdef Py_ssize_t _piece_len(Py_ssize_t L, Py_ssize_t S) noexcept nogil:
     """Piece length: L / S rounded up to whole blocks of 16 values."""
     cdef Py_ssize_t p = (L + S - 1) // S
     return (p + 15) // 16 * 16
 
 
-@cython.cdivision(True)
+@cython.cdivision(True)    # (see the top of this section)
 cdef inline Py_ssize_t _share(Py_ssize_t total, Py_ssize_t k, Py_ssize_t parts) noexcept nogil:
     """Start of share k when total items are dealt into parts contiguous shares."""
     return total // parts * k + min(k, total % parts)
@@ -511,104 +548,139 @@ cdef Split _split(cnp.ndarray x, int num_threads, Py_ssize_t work_per_value):
     return sp
 
 
+cdef struct PieceWalk:
+    # the pieces of one share of a channels-first split, in memory order
+    Py_ssize_t k        # the current piece's number (unit): piece s of run r
+    Py_ssize_t end      # the share's end (unit)
+    Py_ssize_t r        # run, r = n * C + c
+    Py_ssize_t c        # channel
+    Py_ssize_t s        # piece of the run
+    Py_ssize_t start    # the current piece is x[r, start:stop] (empty, start >= stop,
+    Py_ssize_t stop     #   for a piece past L, which the rounding of P can leave)
+
+
+cdef inline void _piece_bounds(const Split* sp, PieceWalk* w) noexcept nogil:
+    w.start = w.s * sp.P
+    w.stop = min(w.start + sp.P, sp.L)
+
+
+@cython.cdivision(True)    # (see the top of this section)
+cdef inline PieceWalk _walk(const Split* sp, Py_ssize_t t) noexcept nogil:
+    """The walk over share t's pieces, at its first; done when w.k == w.end."""
+    cdef PieceWalk w
+    w.k = _share(sp.units, t, sp.nt)
+    w.end = _share(sp.units, t + 1, sp.nt)
+    w.r = w.k // sp.S
+    w.c = w.r % sp.C
+    w.s = w.k % sp.S
+    _piece_bounds(sp, &w)
+    return w
+
+
+cdef inline void _next_piece(const Split* sp, PieceWalk* w) noexcept nogil:
+    """Step w to the next piece: the next of its run, or the first of the next run."""
+    w.k += 1
+    w.s += 1
+    if w.s == sp.S:
+        w.s = 0
+        w.r += 1
+        w.c += 1
+        if w.c == sp.C:
+            w.c = 0
+    _piece_bounds(sp, w)
+
+
 cdef object _partials(const Split* sp):
-    """Zeroed per-share partial sums, (nt + 1, 4, C) padded to whole cache lines;
-    [nt, 0] is left for a per-channel vector."""
+    """Zeroed per-share partial sums, (nt + 1, ACC_ROWS, >= C + 8): each row padded
+    by at least 8 values (a cache line), so no two shares write to the same line;
+    [nt, SUM1] is left for a per-channel vector."""
     cdef cnp.npy_intp dims[3]
     dims[0] = sp.nt + 1
-    dims[1] = 4
+    dims[1] = ACC_ROWS
     dims[2] = (sp.C + 7) // 8 * 8 + 8
     return cnp.PyArray_ZEROS(3, dims, cnp.NPY_FLOAT64, 0)
 
 
-cdef object _coefs(Py_ssize_t C):
-    """Uninitialized (4, C) float64 coefficients of an affine pass (see _affine_run)."""
+cdef object _coefs(Py_ssize_t C, int typenum):
+    """Uninitialized (COEF_ROWS, C) coefficients of an affine pass (see _affine_run)."""
     cdef cnp.npy_intp dims[2]
-    dims[0] = 4
+    dims[0] = COEF_ROWS
     dims[1] = C
-    return cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+    return cnp.PyArray_EMPTY(2, dims, typenum, 0)
 
 
 cdef object _float_coefs(const double[:, ::1] exact, bint two):
     """The coefficients of an affine pass on float32 data.
 
-    ``exact`` holds m = the mean, a, b and k in float64. The pass computes
-    ``(x - m) * a + k`` (or ``dy * a + ((x - m) * b + k)``) in the dtype of the
-    data: for float32 that keeps the loop in 8-wide float arithmetic, with no
-    conversions. A large |mean| costs no accuracy: m is rounded to m' = float32(m)
-    first and k moved to k' = k + (m' - m) * (coefficient of x - m) in float64,
-    so only x - m' is rounded in the loop: exact when x is within a factor 2 of
-    m' (Sterbenz), otherwise by 2^-24 relative to |x - m'|. The output is
-    within a few float32 ulps of max(|out|, |k'|, |(x - m') * coefficient|).
-    For float64, m' = m and nothing changes.
+    ``exact`` holds m = the mean, a, b and k in float64 (rows COEF_MEAN ...).
+    The pass computes ``(x - m) * a + k`` (or ``dy * a + ((x - m) * b + k)``)
+    in the dtype of the data: for float32 that keeps the loop in float
+    arithmetic (twice the lanes of double), with no conversions. A large
+    |mean| costs no accuracy: m is rounded to m' = float32(m) first and k moved
+    to k' = k + (m' - m) * (coefficient of x - m) in float64, so the loop
+    subtracts m' where it would subtract m: x - m' is exact when x is within a
+    factor 2 of m' (Sterbenz), otherwise rounded by 2^-24 relative to
+    |x - m'|, not to |x|. The output is within a few float32 ulps of
+    max(|out|, |k'|, |(x - m') * coefficient|). (float64 data takes the
+    coefficients as they are.)
     """
     cdef Py_ssize_t C = exact.shape[1], c
     cdef double m
-    cdef cnp.npy_intp dims[2]
-    dims[0] = 4
-    dims[1] = C
-    coef = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT32, 0)
+    coef = _coefs(C, cnp.NPY_FLOAT32)
     cdef float[:, ::1] cf = coef
+    cdef Py_ssize_t xmu = COEF_XMU if two else COEF_SCALE    # the coefficient of x - m
     for c in range(C):
-        m = <double><float>exact[0, c]
-        cf[0, c] = <float>m
-        cf[1, c] = <float>exact[1, c]
-        cf[2, c] = <float>exact[2, c]
-        cf[3, c] = <float>(exact[3, c] + (m - exact[0, c]) * exact[2 if two else 1, c])
+        m = <double><float>exact[COEF_MEAN, c]
+        cf[COEF_MEAN, c] = <float>m
+        cf[COEF_SCALE, c] = <float>exact[COEF_SCALE, c]
+        cf[COEF_XMU, c] = <float>exact[COEF_XMU, c]
+        cf[COEF_OFFSET, c] = <float>(exact[COEF_OFFSET, c]
+                                     + (m - exact[COEF_MEAN, c]) * exact[xmu, c])
     return coef
 
 
 # ---------------------------------------------------------------------------
-# 1. local statistics (mode 0) and 3. backward reductions (mode 1)
-#    mode 0: acc[t, 0] += sum(x - piv),  acc[t, 1] += sum((x - piv)^2)
-#    mode 1: acc[t, 0] += sum(dy),       acc[t, 1] += sum(dy * (x - mean))
+# 1. local statistics and 3. backward reductions (see _run_sums):
+#    dot False: acc[t, SUM1] += sum(x - pivot), acc[t, SUM2] += sum((x - pivot)^2)
+#    dot True:  acc[t, SUM1] += sum(dy),        acc[t, SUM2] += sum(dy * (x - mean))
 # ---------------------------------------------------------------------------
 
-@cython.cdivision(True)
+@cython.cdivision(True)    # (see "the work split")
 cdef void _sums_share(
-    const floating[:, ::1] dy,  # IN  runs (N * C, L) or rows (M, C); unused in mode 0
+    const floating[:, ::1] dy,  # IN  runs (N * C, L) or rows (M, C); read only when dot
     const floating[:, ::1] x,   # IN  like dy
     const Split* sp,            # IN
-    const double[::1] ref,      # IN  (C,) the pivot (mode 0) or the mean (mode 1)
-    bint dot,                   # IN  mode 1
-    double[:, :, ::1] acc,      # OUT (nt, 4, >= C) partial sums, zeroed
+    const double[::1] ref,      # IN  (C,) the pivot, or the mean when dot
+    bint dot,                   # IN  the backward's sums
+    double[:, :, ::1] acc,      # OUT (nt, ACC_ROWS, >= C) partial sums, zeroed
     Py_ssize_t t,               # IN  share
 ) noexcept nogil:
-    cdef Py_ssize_t N = sp.N, C = sp.C, L = sp.L, S = sp.S, P = sp.P
-    cdef Py_ssize_t k = _share(sp.units, t, sp.nt), k1 = _share(sp.units, t + 1, sp.nt)
-    cdef Py_ssize_t c, n, r, s, m, off
+    cdef Py_ssize_t N = sp.N, C = sp.C, L = sp.L
+    cdef Py_ssize_t k, k1, c, n, r, m
     cdef double a, b
+    cdef PieceWalk w
     if L == 0:
+        k = _share(sp.units, t, sp.nt)
+        k1 = _share(sp.units, t + 1, sp.nt)
         if dot:
             _cols_dot(dy, x, k, k1, ref, acc, t)
         else:
             _cols_moments(x, k, k1, ref, acc, t)
-    elif L >= STREAM_MIN_L or S > 1:
-        # memory order: run r = n * C + c, piece s
-        r = k // S
-        c = r % C
-        s = k % S
-        while k < k1:
-            off = s * P
-            if off < L:
+    elif L >= STREAM_MIN_L or sp.S > 1:
+        # memory order, piece by piece
+        w = _walk(sp, t)
+        while w.k < w.end:
+            if w.start < w.stop:
                 a = 0.0
                 b = 0.0
-                if dot:
-                    _dot(dy, x, r, off, min(off + P, L), ref[c], &a, &b)
-                else:
-                    _moments(x, r, off, min(off + P, L), ref[c], &a, &b)
-                acc[t, 0, c] += a
-                acc[t, 1, c] += b
-            k += 1
-            s += 1
-            if s == S:
-                s = 0
-                r += 1
-                c += 1
-                if c == C:
-                    c = 0
+                _run_sums(dy, x, w.r, w.start, w.stop, ref[w.c], dot, &a, &b)
+                acc[t, SUM1, w.c] += a
+                acc[t, SUM2, w.c] += b
+            _next_piece(sp, &w)
     else:
         # channel by channel, k = c * N + n: the runs n .. n + m of channel c
+        k = _share(sp.units, t, sp.nt)
+        k1 = _share(sp.units, t + 1, sp.nt)
         c = k // N
         n = k % N
         while k < k1:
@@ -616,24 +688,21 @@ cdef void _sums_share(
             a = 0.0
             b = 0.0
             for r in range(n, n + m):
-                if dot:
-                    _dot(dy, x, r * C + c, 0, L, ref[c], &a, &b)
-                else:
-                    _moments(x, r * C + c, 0, L, ref[c], &a, &b)
-            acc[t, 0, c] += a
-            acc[t, 1, c] += b
+                _run_sums(dy, x, r * C + c, 0, L, ref[c], dot, &a, &b)
+            acc[t, SUM1, c] += a
+            acc[t, SUM2, c] += b
             k += m
             n = 0
             c += 1
 
 
 cdef void _sums(
-    const floating[:, ::1] dy,  # IN  runs (N * C, L) or rows (M, C); unused in mode 0
+    const floating[:, ::1] dy,  # IN  runs (N * C, L) or rows (M, C); read only when dot
     const floating[:, ::1] x,   # IN  like dy
     const Split* sp,            # IN
-    const double[::1] ref,      # IN  (C,) the pivot (mode 0) or the mean (mode 1)
-    bint dot,                   # IN  mode 1
-    double[:, :, ::1] acc,      # TMP (nt, 4, >= C) zeroed
+    const double[::1] ref,      # IN  (C,) the pivot, or the mean when dot
+    bint dot,                   # IN  the backward's sums
+    double[:, :, ::1] acc,      # TMP (nt, ACC_ROWS, >= C) zeroed
     double[::1] out,            # OUT (>= 2C,) out[:C], out[C:2C] += the sums, zeroed
 ) noexcept nogil:
     cdef Py_ssize_t C = sp.C, c, t
@@ -645,8 +714,8 @@ cdef void _sums(
             _sums_share(dy, x, sp, ref, dot, acc, t)
     for t in range(sp.nt):
         for c in range(C):
-            out[c] += acc[t, 0, c]
-            out[C + c] += acc[t, 1, c]
+            out[c] += acc[t, SUM1, c]
+            out[C + c] += acc[t, SUM2, c]
 
 
 def local_stats(
@@ -661,12 +730,14 @@ def local_stats(
     and ``out[2C] = number of values per channel`` (float64), the packed
     layout a SUM allreduce combines across ranks.
 
-    Each channel is first accumulated around a local pivot (its first value
-    here, or 0 if that is not finite), so the float64 sums never cancel
-    catastrophically however large ``|mean| / std`` is; they are then moved
-    to ``shift`` in float64. The result stays accurate as long as
-    ``|mean - shift| / std`` is well below 1e8, and is exact in the count.
-    Empty input gives zeros.
+    Each channel is first accumulated around a local pivot, its first value
+    (0 if that is not finite), and the sums are then moved to ``shift`` in
+    float64. The variance they give, ``out[C+c]/n - (out[c]/n)**2``, has a
+    relative error of about 1e-16 times
+    ``((mean - shift)**2 + (pivot - mean)**2) / var``: a large ``|mean| / std``
+    costs nothing by itself, a shift far from the mean does (finish_stats
+    then asks for a second pass), and so would a first value many standard
+    deviations away from the mean. The count is exact. Empty input gives zeros.
     """
     cdef Py_ssize_t C = _check_data("x", x)
     cdef const double* sh = _ptr(_vec("shift", shift, C))
@@ -688,7 +759,7 @@ def local_stats(
         return
     sp = _split(a, num_threads, 1)
     acc = _partials(&sp)
-    piv = acc[sp.nt, 0, :C]
+    piv = acc[sp.nt, SUM1, :C]     # the spare row of _partials
     if single:
         xf = _rows(a)
     else:
@@ -773,39 +844,28 @@ def backward_reduce(
 #    backward: dx = dy * a + ((x - m) * b + k)
 # ---------------------------------------------------------------------------
 
-@cython.cdivision(True)
 cdef void _affine_share(
     const floating[:, ::1] x,   # IN  runs (N * C, L) or rows (M, C)
     const floating[:, ::1] z,   # IN  like x (read only when two)
     floating[:, ::1] out,       # OUT like x
     const Split* sp,            # IN
-    const floating[:, ::1] coef,  # IN  (4, C) m, a, b, k (see _affine_run)
+    const floating[:, ::1] coef,  # IN  (COEF_ROWS, C) m, a, b, k (see _affine_run)
     bint two,                   # IN  the backward form
     Py_ssize_t t,               # IN  share
 ) noexcept nogil:
-    cdef Py_ssize_t C = sp.C, L = sp.L, S = sp.S, P = sp.P
-    cdef Py_ssize_t k = _share(sp.units, t, sp.nt), k1 = _share(sp.units, t + 1, sp.nt)
-    cdef Py_ssize_t r, c, s, off
-    if L == 0:
-        _affine_rows(x, z, out, k, k1, coef, two)
+    cdef PieceWalk w
+    if sp.L == 0:
+        _affine_rows(x, z, out, _share(sp.units, t, sp.nt), _share(sp.units, t + 1, sp.nt),
+                     coef, two)
         return
-    # pieces in memory order: run r = n * C + c, piece s
-    r = k // S
-    c = r % C
-    s = k % S
-    while k < k1:
-        off = s * P
-        if off < L:
-            _affine_run(x, z, out, r, off, min(off + P, L), coef[0, c], coef[1, c],
-                        coef[2, c], coef[3, c], two)
-        k += 1
-        s += 1
-        if s == S:
-            s = 0
-            r += 1
-            c += 1
-            if c == C:
-                c = 0
+    # memory order, piece by piece
+    w = _walk(sp, t)
+    while w.k < w.end:
+        if w.start < w.stop:
+            _affine_run(x, z, out, w.r, w.start, w.stop, coef[COEF_MEAN, w.c],
+                        coef[COEF_SCALE, w.c], coef[COEF_XMU, w.c], coef[COEF_OFFSET, w.c],
+                        two)
+        _next_piece(sp, &w)
 
 
 cdef void _affine(
@@ -813,7 +873,7 @@ cdef void _affine(
     const floating[:, ::1] z,   # IN  like x (read only when two)
     floating[:, ::1] out,       # OUT like x
     const Split* sp,            # IN
-    const floating[:, ::1] coef,  # IN  (4, C)
+    const floating[:, ::1] coef,  # IN  (COEF_ROWS, C)
     bint two,                   # IN  the backward form
 ) noexcept nogil:
     cdef Py_ssize_t t
@@ -866,7 +926,8 @@ def normalize(
     Weight and invstd are folded into one scale per channel, computed
     ``(x - mean) * scale + bias`` in the dtype of x, centred so that a large
     ``|mean|`` costs no accuracy (see _float_coefs): float32 output is within
-    a few ulps of max(|out|, |bias|, |(x - mean) * scale|).
+    a few ulps of max(|out|, |bias'|, |(x - mean') * scale|), where mean' is
+    mean rounded to float32 and bias' the bias corrected for that rounding.
     """
     cdef Py_ssize_t C = _check_data("x", x)
     _check_same("out", out, "x", <cnp.ndarray>x, True)
@@ -878,12 +939,12 @@ def normalize(
     cdef double[:, ::1] coef
     if cnp.PyArray_SIZE(<cnp.ndarray>x) == 0:
         return
-    coef = _coefs(C)
+    coef = _coefs(C, cnp.NPY_FLOAT64)
     for c in range(C):
-        coef[0, c] = mu[c]
-        coef[1, c] = inv[c] * _fat(w, c, 1.0)
-        coef[2, c] = 0.0
-        coef[3, c] = _fat(b, c, 0.0)
+        coef[COEF_MEAN, c] = mu[c]
+        coef[COEF_SCALE, c] = inv[c] * _fat(w, c, 1.0)
+        coef[COEF_XMU, c] = 0.0
+        coef[COEF_OFFSET, c] = _fat(b, c, 0.0)
     _affine_pass(<cnp.ndarray>x, None, <cnp.ndarray>out, coef, num_threads)
 
 
@@ -893,18 +954,18 @@ def backward_input(
     mean,                   # IN  (C,) float64
     invstd,                 # IN  (C,) float64
     weight,                 # IN  (C,) float32/float64 or None (= 1)
-    mean_dy,                # IN  (C,) float64: global sum(dy) (/ count)
-    mean_dy_xmu,            # IN  (C,) float64: global sum(dy * (x - mean)) (/ count)
+    sum_dy,                 # IN  (C,) float64: global sum(dy)
+    sum_dy_xmu,             # IN  (C,) float64: global sum(dy * (x - mean))
     out,                    # OUT like x: gradient of the input (may be dy or x itself)
     int num_threads=0,
-    double count=1.0,       # IN  mean_dy and mean_dy_xmu are divided by it
+    double count=1.0,       # IN  the values per channel the sums ran over
 ):
-    """``out = (dy - mean_dy - (x - mean) * invstd**2 * mean_dy_xmu) * invstd * weight``.
+    """``out = (dy - sum_dy / count - (x - mean) * invstd**2 * sum_dy_xmu / count) * invstd * weight``.
 
+    The sums are the reduced buffer of backward_reduce and ``count`` the
+    global count (with the default ``count=1``, pass the means instead).
     Folded into ``dy * a + ((x - mean) * b + k)`` per channel, one pass in the
-    dtype of the data, centred as in normalize (see _float_coefs). With
-    ``count``, mean_dy and mean_dy_xmu may be the global sums themselves (the
-    reduced buffer of backward_reduce), divided here.
+    dtype of the data, centred as in normalize (see _float_coefs).
     """
     cdef Py_ssize_t C = _check_data("dy", dy)
     _check_same("x", x, "dy", <cnp.ndarray>dy)
@@ -912,8 +973,8 @@ def backward_input(
     cdef const double* mu = _ptr(_vec("mean", mean, C))
     cdef const double* inv = _ptr(_vec("invstd", invstd, C))
     cdef FVec w = _fvec("weight", weight, C)
-    cdef const double* mdy = _ptr(_vec("mean_dy", mean_dy, C))
-    cdef const double* mdx = _ptr(_vec("mean_dy_xmu", mean_dy_xmu, C))
+    cdef const double* mdy = _ptr(_vec("sum_dy", sum_dy, C))
+    cdef const double* mdx = _ptr(_vec("sum_dy_xmu", sum_dy_xmu, C))
     cdef Py_ssize_t c
     cdef double a
     cdef double[:, ::1] coef
@@ -921,13 +982,13 @@ def backward_input(
         raise ValueError(f"count: expected a positive number (got {count})")
     if cnp.PyArray_SIZE(<cnp.ndarray>dy) == 0:
         return
-    coef = _coefs(C)
+    coef = _coefs(C, cnp.NPY_FLOAT64)
     for c in range(C):
         a = inv[c] * _fat(w, c, 1.0)
-        coef[0, c] = mu[c]
-        coef[1, c] = a
-        coef[2, c] = -a * inv[c] * inv[c] * (mdx[c] / count)
-        coef[3, c] = -a * (mdy[c] / count)
+        coef[COEF_MEAN, c] = mu[c]
+        coef[COEF_SCALE, c] = a
+        coef[COEF_XMU, c] = -a * inv[c] * inv[c] * (mdx[c] / count)
+        coef[COEF_OFFSET, c] = -a * (mdy[c] / count)
     _affine_pass(<cnp.ndarray>dy, <cnp.ndarray>x, <cnp.ndarray>out, coef, num_threads)
 
 
@@ -941,8 +1002,8 @@ cdef void _lerp(FVec buf, const double* target, double scale, double factor,
                 Py_ssize_t C) noexcept:
     """``buf = (1 - factor) * buf + factor * target * scale`` (a running statistic).
 
-    The formula torch uses: an infinite buffer stays infinite (a lerp would
-    turn it into NaN).
+    The formula torch uses: with factor < 1 an infinite buffer stays infinite
+    (a lerp, buf + factor * (target - buf), would turn it into NaN).
     """
     cdef Py_ssize_t c
     cdef double keep = 1.0 - factor
@@ -957,6 +1018,9 @@ cdef void _lerp(FVec buf, const double* target, double scale, double factor,
             (<double*>buf.data)[c] = keep * (<double*>buf.data)[c] + factor * (target[c] * scale)
 
 
+# IEEE division in both builds (the checked build's default is Python's, which
+# raises ZeroDivisionError): with eps = 0 a constant channel's invstd is
+# 1 / sqrt(0) = inf, as in torch, not an exception.
 @cython.cdivision(True)
 def finish_stats(
     sums,                   # IN  (2C + 1,) float64: local_stats' output, reduced over ranks
@@ -977,7 +1041,8 @@ def finish_stats(
     ``refine`` is set and for some channel ``(mean - shift)^2 > REFINE * var``
     (REFINE = 1e6): the variance would then keep fewer than about 10 digits, so the caller
     sums again around ``stats[0]`` and calls back with ``refine=False``. The
-    test uses reduced values only, so every rank decides alike.
+    test uses reduced values only, so every rank decides alike as long as
+    the allreduce gives every rank the same bits.
 
     Otherwise writes the statistics, copies the finite means to
     ``next_shift``, counts the batch in ``num_batches_tracked``, updates
@@ -1011,7 +1076,9 @@ def finish_stats(
     cdef bint far = False
     if not n >= 1.0:
         raise ValueError(f"sums: expected a count of at least 1 (got {n})")
-    # simple loops, so that they vectorize (4 divisions or square roots at once)
+    # plain per-channel loops; with setup.py's flags gcc vectorizes the two copy
+    # loops (far: mean; next_shift), not the division and square-root loops
+    # (sqrt may set errno)
     for c in range(C):
         d = b[c] / n                                # mean - shift
         v = b[C + c] / n - d * d
@@ -1051,6 +1118,7 @@ def finish_stats(
 #    data costs little. Channels-first layout; rows go through 1-5.
 # ---------------------------------------------------------------------------
 
+# (index division as in "the work split"; IEEE float division as in finish_stats)
 @cython.cdivision(True)
 cdef void _local_forward_channel(
     const floating[:, ::1] x,   # IN  runs (N * C, L)
@@ -1075,7 +1143,7 @@ cdef void _local_forward_channel(
         s1 = 0.0
         s2 = 0.0
         for n in range(N):
-            _moments(x, n * C + c, 0, L, p, &s1, &s2)
+            _run_sums(x, x, n * C + c, 0, L, p, False, &s1, &s2)
         d = s1 / count
         v = s2 / count - d * d
         v = v if (v > 0.0 or v != v) else 0.0   # (NaN stays NaN)
@@ -1095,6 +1163,7 @@ cdef void _local_forward_channel(
         _affine_run(x, x, out, n * C + c, 0, L, m, <floating>a, <floating>0.0, <floating>k, False)
 
 
+# (index division as in "the work split"; IEEE float division as in finish_stats)
 @cython.cdivision(True)
 cdef void _local_backward_channel(
     const floating[:, ::1] dy,  # IN  runs (N * C, L)
@@ -1112,7 +1181,7 @@ cdef void _local_backward_channel(
     cdef double count = <double>(N * L), s1 = 0.0, s2 = 0.0, a, b, k
     cdef floating m
     for n in range(N):
-        _dot(dy, x, n * C + c, 0, L, mean, &s1, &s2)
+        _run_sums(dy, x, n * C + c, 0, L, mean, True, &s1, &s2)
     sums[c] = s1
     sums[C + c] = s2
     if not grad_input:
@@ -1245,7 +1314,7 @@ def local_backward(
     cdef cnp.ndarray a = <cnp.ndarray>dy
     cdef Py_ssize_t N = cnp.PyArray_DIM(a, 0), c
     cdef int nt
-    cdef cnp.ndarray sums_array = _coefs(C)  # (rows 0 and 1: the sums)
+    cdef cnp.ndarray sums_array = _coefs(C, cnp.NPY_FLOAT64)  # (2C values: the sums)
     cdef double* sums = <double*>cnp.PyArray_DATA(sums_array)
     cdef const float[:, ::1] gf, xf
     cdef float[:, ::1] of

@@ -563,10 +563,10 @@ ERRORS = {
         lambda: K.backward_input(f32(2, 6)[:, ::2], f32(2, 3), vec(3), vec(3), None,
                                  vec(3), vec(3), f32(2, 3)),
         ValueError, r"dy: expected a C-contiguous array \(got strides"),
-    "short mean_dy_xmu": (
+    "short sum_dy_xmu": (
         lambda: K.backward_input(f32(2, 3), f32(2, 3), vec(3), vec(3), None, vec(3), vec(1),
                                  f32(2, 3)),
-        ValueError, r"mean_dy_xmu: expected length 3 \(got 1\)"),
+        ValueError, r"sum_dy_xmu: expected length 3 \(got 1\)"),
 }
 
 
