@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import _ops
 from ._debug import LayerCheck
 from .comm import CommSpec, Communicator, LocalCommunicator, get_communicator
 from .function import LayerArgs, sync_batch_norm
@@ -97,9 +97,14 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
         self._comm: Communicator | None = None
         # Common shift of the statistics sums (see function.py); starts at
-        # zero on every rank, then follows the global mean. Not a buffer: it
-        # is derived state, kept out of state_dict for torch compatibility.
-        self._shift = np.zeros(num_features)
+        # zero on every rank, then follows the global mean. Derived state: a
+        # float64 CPU tensor kept out of the parameters and buffers (so out of
+        # state_dict, dtype conversions and DDP's broadcasts), which the
+        # compiled path carries as a graph input that its operator updates.
+        self._shift_tensor = torch.zeros(num_features, dtype=torch.float64)
+        self._shift = self._shift_tensor.numpy()  # the eager path's view (the same memory)
+        # names this layer's communicator in the compiled path's operators (_ops.py)
+        self._op_key = _ops.register(self)
         if debug is None:
             debug = os.environ.get("SYNCBN_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
         self.debug = debug
@@ -125,6 +130,15 @@ class SyncBatchNorm(_BatchNorm):
         state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
         state["_comm"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch leaves Module.__setstate__ unannotated
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        if "_shift_tensor" not in self.__dict__:  # pickled by an earlier version: a NumPy shift
+            self._shift_tensor = torch.from_numpy(self._shift)
+        # a copy's view must be of its own tensor (copied apart, they share no memory)
+        self._shift = self._shift_tensor.numpy()
+        self._op_key = _ops.register(self)  # a copy is a new layer: its own key
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -175,6 +189,8 @@ class SyncBatchNorm(_BatchNorm):
         bn_training = self.training or (running_mean is None and running_var is None)
         if not bn_training:
             return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, self.eps)
+        if torch.compiler.is_compiling() and not self.debug:
+            return self._traced_forward(input, weight, bias)
         if not self.training:
             # Batch statistics in eval (track_running_stats=False) stay local,
             # like torch.nn.SyncBatchNorm's; a scratch shift keeps the shared
@@ -200,6 +216,32 @@ class SyncBatchNorm(_BatchNorm):
                 self.momentum,
                 comm,
             ),
+        )
+
+    def _traced_forward(
+        self, input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The forward's batch-statistics branch as torch.compile traces it:
+        the same steps, as the operators of _ops.py (debug mode stays eager:
+        its check is not traceable)."""
+        shift = self._shift_tensor
+        if not self.training:
+            return _ops.sync_batch_norm(
+                input, weight, bias, shift.clone(), None, None, None, self.eps, self.momentum, _ops.LOCAL
+            )
+        buffers = self._buffers
+        tracking = self.track_running_stats
+        return _ops.sync_batch_norm(
+            input,
+            weight,
+            bias,
+            shift,
+            self._member(buffers, "running_mean") if tracking else None,
+            self._member(buffers, "running_var") if tracking else None,
+            self._member(buffers, "num_batches_tracked") if tracking else None,
+            self.eps,
+            self.momentum,
+            self._op_key,
         )
 
     def extra_repr(self) -> str:

@@ -1,4 +1,6 @@
-"""What every test file shares: the ``launcher`` marker and the environment fixtures.
+"""What every test file shares: the ``launcher`` marker's rule and the environment fixtures.
+
+(The markers ``launcher`` and ``slow`` are registered in pyproject.toml.)
 
 * ``@pytest.mark.launcher``: the test starts processes through ``mpiexec`` or
   ``torchrun`` (seconds each, and it needs them installed). ``pytest -m "not
@@ -19,10 +21,6 @@ import torch.distributed as dist
 
 import launch
 from syncbn.comm import detect_launcher
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "launcher: starts processes through mpiexec or torchrun")
 
 
 @pytest.hookimpl(tryfirst=True)
