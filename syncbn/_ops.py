@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import Callable, Protocol
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ LOCAL = "local"
 """The key of this process alone (batch statistics in eval mode stay local)."""
 
 _LOCAL_COMM = LocalCommunicator()
-_OWNERS: dict[str, Callable[[], CommunicatorOwner | None]] = {}
+_OWNERS: dict[str, Callable[[], Optional[CommunicatorOwner]]] = {}
 _numbers = itertools.count()
 
 
@@ -119,11 +119,11 @@ def _rows(stats: torch.Tensor) -> np.ndarray:
 def batch_stats(
     x: torch.Tensor,
     shift: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    num_batches_tracked: torch.Tensor | None,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    num_batches_tracked: Optional[torch.Tensor],
     eps: float,
-    momentum: float | None,
+    momentum: Optional[float],
     comm: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The global statistics of the batch whose local part is ``x``: (stats, count).
@@ -149,11 +149,11 @@ def batch_stats(
 def _batch_stats_fake(
     x: torch.Tensor,
     shift: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    num_batches_tracked: torch.Tensor | None,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    num_batches_tracked: Optional[torch.Tensor],
     eps: float,
-    momentum: float | None,
+    momentum: Optional[float],
     comm: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.new_empty((3, x.shape[1]), dtype=torch.float64), x.new_empty((), dtype=torch.float64))
@@ -162,8 +162,8 @@ def _batch_stats_fake(
 @torch.library.custom_op("syncbn::normalize", mutates_args=(), device_types="cpu")
 def normalize(
     x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
     stats: torch.Tensor,
     count: torch.Tensor,
     comm: str,
@@ -183,8 +183,8 @@ def normalize(
 @normalize.register_fake
 def _normalize_fake(
     x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
     stats: torch.Tensor,
     count: torch.Tensor,
     comm: str,
@@ -201,7 +201,7 @@ def _normalize_fake(
 def normalize_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
-    weight: torch.Tensor | None,
+    weight: Optional[torch.Tensor],
     stats: torch.Tensor,
     count: torch.Tensor,
     comm: str,
@@ -245,7 +245,7 @@ def normalize_backward(
 def _normalize_backward_fake(
     grad_out: torch.Tensor,
     x: torch.Tensor,
-    weight: torch.Tensor | None,
+    weight: Optional[torch.Tensor],
     stats: torch.Tensor,
     count: torch.Tensor,
     comm: str,
@@ -261,7 +261,9 @@ def _normalize_backward_fake(
 
 def _normalize_setup(
     ctx: torch.autograd.function.FunctionCtx,
-    inputs: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, str],
+    inputs: tuple[
+        torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor, torch.Tensor, str
+    ],
     output: torch.Tensor,
 ) -> None:
     x, weight, bias, stats, count, comm = inputs
@@ -274,7 +276,7 @@ def _normalize_setup(
 
 def _normalize_backward(
     ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
-) -> tuple[torch.Tensor | None, ...]:
+) -> tuple[Optional[torch.Tensor], ...]:
     x, weight, stats, count = ctx.saved_tensors  # type: ignore[attr-defined]
     need_x, need_w, need_b = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
     grad_x, grad_weight, grad_bias = normalize_backward(grad_out, x, weight, stats, count, ctx.comm, need_x)  # type: ignore[attr-defined]
@@ -293,14 +295,14 @@ normalize.register_autograd(_normalize_backward, setup_context=_normalize_setup)
 
 def sync_batch_norm(
     x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
     shift: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    num_batches_tracked: torch.Tensor | None,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    num_batches_tracked: Optional[torch.Tensor],
     eps: float,
-    momentum: float | None,
+    momentum: Optional[float],
     comm: str,
 ) -> torch.Tensor:
     """:func:`syncbn.function.sync_batch_norm` through the operators: what dynamo traces.
