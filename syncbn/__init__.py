@@ -4,8 +4,9 @@ Cython kernels compute the per-channel statistics and the elementwise
 passes; one float64 allreduce per pass (mpi4py or torch.distributed)
 combines them across processes.
 """
+
 from ._build_info import build_info
-from ._version import __version__
+from ._version import __version__ as __version__
 from .comm import Communicator, get_communicator
 from .launch import init_process_group_from_mpi
 from .module import BatchNorm, SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm

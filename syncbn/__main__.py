@@ -1,4 +1,5 @@
 """``python -m syncbn``: the diagnostic report of :mod:`syncbn.diagnose`."""
+
 from .diagnose import main
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ Everything but the version is read from the compiled extension itself
 (macros that setup.py and the compiler put into syncbn._kernels), so it
 describes the binary that is loaded, not a record that could go stale.
 """
+
 from __future__ import annotations
 
-from typing import Optional, TypedDict
+from typing import TypedDict
 
 from . import _kernels
 from ._version import __version__
@@ -21,15 +22,15 @@ class BuildInfo(TypedDict):
     version: str
     compiler: str
     compile_flags: str
-    march: Optional[str]
+    march: str | None
     openmp: bool
     cython_checks: bool
     kernel_variant: str
 
 
-def _march(flags: str) -> Optional[str]:
+def _march(flags: str) -> str | None:
     """The value of the last ``-march=`` in ``flags`` (the one the compiler uses), or None."""
-    values = [word[len("-march="):] for word in flags.split() if word.startswith("-march=")]
+    values = [word[len("-march=") :] for word in flags.split() if word.startswith("-march=")]
     return values[-1] if values else None
 
 

@@ -7,9 +7,11 @@ fixed-size table of what each rank is about to do, and every rank raises the
 same error when the table shows a difference, before any statistics are
 exchanged; in training the same check also precedes the backward collective.
 """
+
 from __future__ import annotations
 
 import weakref
+from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,8 +54,9 @@ class LayerCheck:
         self._check(layer, comm, channels, dtype_code, _FORWARD)
         return _CheckedBackward(self, layer, comm, channels, dtype_code)
 
-    def _check(self, layer: SyncBatchNorm, comm: Communicator, channels: int, dtype_code: int,
-               phase: int) -> None:
+    def _check(
+        self, layer: SyncBatchNorm, comm: Communicator, channels: int, dtype_code: int, phase: int
+    ) -> None:
         # The same fields, so the same buffer size, before forward and
         # backward collectives: a rank one collective ahead of the others
         # meets a check, never a statistics buffer.
@@ -81,8 +84,9 @@ class _CheckedBackward(Communicator):
 
     name = "debug"
 
-    def __init__(self, check: LayerCheck, layer: SyncBatchNorm, inner: Communicator,
-                 channels: int, dtype_code: int) -> None:
+    def __init__(
+        self, check: LayerCheck, layer: SyncBatchNorm, inner: Communicator, channels: int, dtype_code: int
+    ) -> None:
         super().__init__()
         self._check, self._layer, self._inner = check, layer, inner
         self._channels, self._dtype_code = channels, dtype_code
@@ -97,8 +101,9 @@ class _CheckedBackward(Communicator):
         self._inner.allreduce_array_(buf)
 
 
-def _message(layer: SyncBatchNorm, comm: Communicator, names: list[str], table: np.ndarray,
-             differ: list[int]) -> str:
+def _message(
+    layer: SyncBatchNorm, comm: Communicator, names: list[str], table: np.ndarray, differ: list[int]
+) -> str:
     lines = []
     for k in differ:
         by_value: dict[float, list[int]] = {}
@@ -108,9 +113,11 @@ def _message(layer: SyncBatchNorm, comm: Communicator, names: list[str], table: 
         lines.append(f"  {names[k]}: {shown}")
     return (
         f"SyncBatchNorm({layer.num_features}) consistency check failed on rank "
-        f"{comm.rank} of {comm.size}: the ranks disagree on\n" + "\n".join(lines) +
-        "\nEvery rank must call every synchronized layer the same number of times, in "
-        "the same order and mode, with the same number of channels and dtype.")
+        f"{comm.rank} of {comm.size}: the ranks disagree on\n"
+        + "\n".join(lines)
+        + "\nEvery rank must call every synchronized layer the same number of times, in "
+        "the same order and mode, with the same number of channels and dtype."
+    )
 
 
 def _show(field: str, value: float) -> str:
@@ -131,7 +138,7 @@ _LAYER_COUNTS_BY_OBJECT: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDi
 
 
 def _next_layer_index(spec: CommSpec) -> int:
-    counts: Any = _LAYER_COUNTS
+    counts: MutableMapping[Any, int] = _LAYER_COUNTS
     key: Any = spec
     if spec is not None and not isinstance(spec, str):
         try:

@@ -11,32 +11,33 @@ number of dimensions, or a counter of other than one element; ValueError for
 any other wrong shape, length, layout, a read-only output or a count out of
 range; each saying "expected X (got Y)".
 """
-from typing import Optional
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import TypeAlias
 
-Data = npt.NDArray[np.floating]
-Vec = npt.NDArray[np.float64]
-Param = npt.NDArray[np.floating]  # float32 or float64
+_Data: TypeAlias = npt.NDArray[np.floating]
+_Vec: TypeAlias = npt.NDArray[np.float64]
+_Param: TypeAlias = npt.NDArray[np.floating]  # float32 or float64
 
 def openmp_enabled() -> bool: ...
 def max_threads() -> int: ...
 def cython_checks_enabled() -> bool: ...
-def local_stats(x: Data, shift: Vec, out: Vec, num_threads: int = 0) -> None:
+def local_stats(x: _Data, shift: _Vec, out: _Vec, num_threads: int = 0) -> None:
     """out[:C] = sum(x - shift), out[C:2C] = sum((x - shift)**2), out[2C] = count.
 
     float64 sums around a pivot (each channel's first value), so a large
     |mean| / std by itself costs no accuracy (a shift far from the mean does:
     see finish_stats' refine); non-finite values give +-inf / NaN sums.
     """
+
 def normalize(
-    x: Data,
-    mean: Vec,
-    invstd: Vec,
-    weight: Optional[Param],
-    bias: Optional[Param],
-    out: Data,
+    x: _Data,
+    mean: _Vec,
+    invstd: _Vec,
+    weight: _Param | None,
+    bias: _Param | None,
+    out: _Data,
     num_threads: int = 0,
 ) -> None:
     """out = (x - mean) * invstd * weight + bias; out may be x.
@@ -44,20 +45,29 @@ def normalize(
     Arithmetic in the dtype of x, centred on mean rounded to it (the rounding
     corrected in float64), so a large |mean| costs no accuracy.
     """
-def backward_reduce(dy: Data, x: Data, mean: Vec, out: Vec, num_threads: int = 0,
-                    invstd: Optional[Vec] = None, grad_weight: Optional[Param] = None,
-                    grad_bias: Optional[Param] = None) -> None:
+
+def backward_reduce(
+    dy: _Data,
+    x: _Data,
+    mean: _Vec,
+    out: _Vec,
+    num_threads: int = 0,
+    invstd: _Vec | None = None,
+    grad_weight: _Param | None = None,
+    grad_bias: _Param | None = None,
+) -> None:
     """out[:C] = sum(dy), out[C:2C] = sum(dy * (x - mean)); and, if given,
     grad_weight = out[C:2C] * invstd, grad_bias = out[:C] (invstd required with grad_weight)."""
+
 def backward_input(
-    dy: Data,
-    x: Data,
-    mean: Vec,
-    invstd: Vec,
-    weight: Optional[Param],
-    sum_dy: Vec,
-    sum_dy_xmu: Vec,
-    out: Data,
+    dy: _Data,
+    x: _Data,
+    mean: _Vec,
+    invstd: _Vec,
+    weight: _Param | None,
+    sum_dy: _Vec,
+    sum_dy_xmu: _Vec,
+    out: _Data,
     num_threads: int = 0,
     count: float = 1.0,
 ) -> None:
@@ -73,16 +83,16 @@ REFINE: float
 """(mean - shift)**2 / var above which finish_stats asks for a second pass."""
 
 def finish_stats(
-    sums: Vec,
-    shift: Vec,
+    sums: _Vec,
+    shift: _Vec,
     eps: float,
     stats: npt.NDArray[np.float64],
     refine: bool = True,
-    next_shift: Optional[Vec] = None,
-    running_mean: Optional[npt.NDArray[np.floating]] = None,
-    running_var: Optional[npt.NDArray[np.floating]] = None,
-    factor: Optional[float] = 0.0,
-    num_batches_tracked: Optional[npt.NDArray[np.int64]] = None,
+    next_shift: _Vec | None = None,
+    running_mean: npt.NDArray[np.floating] | None = None,
+    running_var: npt.NDArray[np.floating] | None = None,
+    factor: float | None = 0.0,
+    num_batches_tracked: npt.NDArray[np.int64] | None = None,
 ) -> bool:
     """stats (3, C) = mean, invstd, biased variance from reduced local_stats sums.
 
@@ -96,39 +106,40 @@ def finish_stats(
     """
 
 def local_forward(
-    x: Data,
-    weight: Optional[Param],
-    bias: Optional[Param],
+    x: _Data,
+    weight: _Param | None,
+    bias: _Param | None,
     eps: float,
-    out: Data,
+    out: _Data,
     stats: npt.NDArray[np.float64],
-    next_shift: Optional[Vec] = None,
-    running_mean: Optional[npt.NDArray[np.floating]] = None,
-    running_var: Optional[npt.NDArray[np.floating]] = None,
-    factor: Optional[float] = 0.0,
-    num_batches_tracked: Optional[npt.NDArray[np.int64]] = None,
+    next_shift: _Vec | None = None,
+    running_mean: npt.NDArray[np.floating] | None = None,
+    running_var: npt.NDArray[np.floating] | None = None,
+    factor: float | None = 0.0,
+    num_batches_tracked: npt.NDArray[np.int64] | None = None,
     num_threads: int = 0,
 ) -> None:
     """A group of one process: statistics and normalization in one call,
     channel by channel (channels-first (N, C, L) only; at least 2 values per
     channel). Writes what local_stats + finish_stats + normalize write."""
+
 def local_backward(
-    dy: Data,
-    x: Data,
-    mean: Vec,
-    invstd: Vec,
-    weight: Optional[Param],
-    out: Optional[Data] = None,
-    grad_weight: Optional[Param] = None,
-    grad_bias: Optional[Param] = None,
+    dy: _Data,
+    x: _Data,
+    mean: _Vec,
+    invstd: _Vec,
+    weight: _Param | None,
+    out: _Data | None = None,
+    grad_weight: _Param | None = None,
+    grad_bias: _Param | None = None,
     num_threads: int = 0,
 ) -> None:
     """A group of one process: backward_reduce's parameter gradients and (with
     out) backward_input's input gradient in one call, channel by channel
     (channels-first (N, C, L) only)."""
 
-
 def build_flags() -> str:
     """The compiler flags setup.py passed for this extension (compiled into it)."""
+
 def build_compiler() -> str:
     """The compiler that built this extension, as its own macros name it."""

@@ -33,6 +33,7 @@ The error rule of the eager path holds: input errors are raised by the
 module before the first operator; a global count of 1 is raised by
 ``batch_stats`` after its allreduce, on every rank alike.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -85,7 +86,8 @@ def _communicator(key: str) -> Communicator:
     if owner is None:
         raise RuntimeError(
             f"syncbn: expected the key of a live SyncBatchNorm layer (got {key!r}, "
-            f"which names none; registered: {len(_OWNERS)})")
+            f"which names none; registered: {len(_OWNERS)})"
+        )
     return owner.communicator
 
 
@@ -108,10 +110,12 @@ def _rows(stats: torch.Tensor) -> np.ndarray:
 # forward                                                                      #
 # --------------------------------------------------------------------------- #
 
+
 @torch.library.custom_op(
     "syncbn::batch_stats",
     mutates_args=("shift", "running_mean", "running_var", "num_batches_tracked"),
-    device_types="cpu")
+    device_types="cpu",
+)
 def batch_stats(
     x: torch.Tensor,
     shift: torch.Tensor,
@@ -131,8 +135,9 @@ def batch_stats(
     statistics, as :func:`syncbn.function.batch_statistics` does.
     """
     kx = kernel_input(x)
-    args = LayerArgs(running_mean, running_var, num_batches_tracked, shift.numpy(),
-                     eps, momentum, _communicator(comm))
+    args = LayerArgs(
+        running_mean, running_var, num_batches_tracked, shift.numpy(), eps, momentum, _communicator(comm)
+    )
     statistics = batch_statistics(kx.array, args, torch.get_num_threads())
     count = torch.tensor(statistics.count, dtype=torch.float64)
     if statistics.stats is None:
@@ -141,11 +146,17 @@ def batch_stats(
 
 
 @batch_stats.register_fake
-def _batch_stats_fake(x: torch.Tensor, shift: torch.Tensor, running_mean: Optional[torch.Tensor],
-                      running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
-                      eps: float, momentum: Optional[float], comm: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return (x.new_empty((3, x.shape[1]), dtype=torch.float64),
-            x.new_empty((), dtype=torch.float64))
+def _batch_stats_fake(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    num_batches_tracked: Optional[torch.Tensor],
+    eps: float,
+    momentum: Optional[float],
+    comm: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return (x.new_empty((3, x.shape[1]), dtype=torch.float64), x.new_empty((), dtype=torch.float64))
 
 
 @torch.library.custom_op("syncbn::normalize", mutates_args=(), device_types="cpu")
@@ -162,21 +173,29 @@ def normalize(
     kx = kernel_input(x)
     rows = _rows(stats)
     out = kx.layout.new_like(kx.tensor, kx.tensor.dtype)
-    _kernels.normalize(kx.array, rows[MEAN], rows[INVSTD], _param(weight), _param(bias),
-                       out.array, torch.get_num_threads())
+    _kernels.normalize(
+        kx.array, rows[MEAN], rows[INVSTD], _param(weight), _param(bias), out.array, torch.get_num_threads()
+    )
     y = out.tensor if out.tensor.dtype == x.dtype else out.tensor.to(x.dtype)
     return _strided_like(y, x)
 
 
 @normalize.register_fake
-def _normalize_fake(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                    stats: torch.Tensor, count: torch.Tensor, comm: str) -> torch.Tensor:
+def _normalize_fake(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    count: torch.Tensor,
+    comm: str,
+) -> torch.Tensor:
     return torch.empty_like(x)
 
 
 # --------------------------------------------------------------------------- #
 # backward                                                                     #
 # --------------------------------------------------------------------------- #
+
 
 @torch.library.custom_op("syncbn::normalize_backward", mutates_args=(), device_types="cpu")
 def normalize_backward(
@@ -202,8 +221,9 @@ def normalize_backward(
     rows = _rows(stats)
     num_threads = torch.get_num_threads()
     sums, grad_weight, grad_bias = np.empty(2 * C), np.empty(C), np.empty(C)
-    _kernels.backward_reduce(dy, kx.array, rows[MEAN], sums, num_threads, rows[INVSTD],
-                             grad_weight, grad_bias)
+    _kernels.backward_reduce(
+        dy, kx.array, rows[MEAN], sums, num_threads, rows[INVSTD], grad_weight, grad_bias
+    )
     grads = torch.from_numpy(grad_weight), torch.from_numpy(grad_bias)
     n = float(count)
     if not input_grad:
@@ -216,42 +236,60 @@ def normalize_backward(
         communicator.allreduce_array_(sums)
     out = kx.layout.new_like(kx.tensor, kx.tensor.dtype)
     # (backward_input takes the reduced sums and divides them by the count)
-    _kernels.backward_input(dy, kx.array, rows[MEAN], rows[INVSTD], _param(weight),
-                            sums[:C], sums[C:], out.array, num_threads, n)
+    _kernels.backward_input(
+        dy, kx.array, rows[MEAN], rows[INVSTD], _param(weight), sums[:C], sums[C:], out.array, num_threads, n
+    )
     dx = out.tensor if out.tensor.dtype == x.dtype else out.tensor.to(x.dtype)
     return (_strided_like(dx, x), *grads)
 
 
 @normalize_backward.register_fake
-def _normalize_backward_fake(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
-                             stats: torch.Tensor, count: torch.Tensor, comm: str,
-                             input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _normalize_backward_fake(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    count: torch.Tensor,
+    comm: str,
+    input_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     C = x.shape[1]
-    return (torch.empty_like(x) if input_grad else x.new_empty(0),
-            x.new_empty(C, dtype=torch.float64), x.new_empty(C, dtype=torch.float64))
+    return (
+        torch.empty_like(x) if input_grad else x.new_empty(0),
+        x.new_empty(C, dtype=torch.float64),
+        x.new_empty(C, dtype=torch.float64),
+    )
 
 
-def _normalize_setup(ctx: torch.autograd.function.FunctionCtx,
-                     inputs: tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
-                                   torch.Tensor, torch.Tensor, str],
-                     output: torch.Tensor) -> None:
+def _normalize_setup(
+    ctx: torch.autograd.function.FunctionCtx,
+    inputs: tuple[
+        torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor, torch.Tensor, str
+    ],
+    output: torch.Tensor,
+) -> None:
     x, weight, bias, stats, count, comm = inputs
-    ctx.save_for_backward(x, weight, stats, count)
+    # torch saves None for an absent weight; its annotation names Tensor only
+    ctx.save_for_backward(x, weight, stats, count)  # type: ignore[arg-type]
     ctx.comm = comm  # type: ignore[attr-defined]
     ctx.weight_dtype = None if weight is None else weight.dtype  # type: ignore[attr-defined]
     ctx.bias_dtype = None if bias is None else bias.dtype  # type: ignore[attr-defined]
 
 
-def _normalize_backward(ctx: torch.autograd.function.FunctionCtx,
-                        grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+def _normalize_backward(
+    ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+) -> tuple[Optional[torch.Tensor], ...]:
     x, weight, stats, count = ctx.saved_tensors  # type: ignore[attr-defined]
     need_x, need_w, need_b = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
-    grad_x, grad_weight, grad_bias = normalize_backward(
-        grad_out, x, weight, stats, count, ctx.comm, need_x)  # type: ignore[attr-defined]
-    return (grad_x if need_x else None,
-            grad_weight.to(ctx.weight_dtype) if need_w else None,  # type: ignore[attr-defined]
-            grad_bias.to(ctx.bias_dtype) if need_b else None,  # type: ignore[attr-defined]
-            None, None, None)
+    grad_x, grad_weight, grad_bias = normalize_backward(grad_out, x, weight, stats, count, ctx.comm, need_x)  # type: ignore[attr-defined]
+    return (
+        grad_x if need_x else None,
+        grad_weight.to(ctx.weight_dtype) if need_w else None,  # type: ignore[attr-defined]
+        grad_bias.to(ctx.bias_dtype) if need_b else None,  # type: ignore[attr-defined]
+        None,
+        None,
+        None,
+    )
 
 
 normalize.register_autograd(_normalize_backward, setup_context=_normalize_setup)
@@ -274,6 +312,8 @@ def sync_batch_norm(
     ``shift`` (float64) and the running statistics are updated in place;
     ``comm`` is a key from :func:`register` (or :data:`LOCAL`).
     """
-    stats, count = batch_stats(x.detach(), shift, running_mean, running_var, num_batches_tracked,
-                               eps, momentum, comm)
-    return normalize(x, weight, bias, stats, count, comm)
+    stats, count = batch_stats(
+        x.detach(), shift, running_mean, running_var, num_batches_tracked, eps, momentum, comm
+    )
+    out: torch.Tensor = normalize(x, weight, bias, stats, count, comm)
+    return out

@@ -1,2 +1,3 @@
 """The version of syncbn: the one place it is defined (pyproject.toml reads it from here)."""
+
 __version__ = "0.1.0"

@@ -12,10 +12,11 @@ Contiguous and channels-last inputs are viewed in place; only other strides
 on the per-call path, so layouts are made once per (shape, strides, item
 size) and kept in one cache.
 """
+
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,8 +45,14 @@ class KernelLayout:
             tensor C-contiguous, ``(0, 2, ..., 1)``; ``logical_order`` undoes it.
     """
 
-    __slots__ = ("rows", "shape", "kernel_shape", "channels_last_order", "logical_order",
-                 "channels_last_shape")
+    __slots__ = (
+        "channels_last_order",
+        "channels_last_shape",
+        "kernel_shape",
+        "logical_order",
+        "rows",
+        "shape",
+    )
 
     def __init__(self, rows: bool, shape: tuple[int, ...]) -> None:
         self.rows, self.shape = rows, tuple(shape)
@@ -58,7 +65,7 @@ class KernelLayout:
         else:
             self.kernel_shape = (shape[0], C, math.prod(shape[2:]))
 
-    def view(self, a: np.ndarray) -> Optional[np.ndarray]:
+    def view(self, a: np.ndarray) -> np.ndarray | None:
         """The kernels' zero-copy view of ``a`` (logical shape), or None if there is none."""
         if self.rows:
             a = a.transpose(self.channels_last_order)
@@ -87,7 +94,7 @@ class KernelInput(NamedTuple):
     """An input as the kernels read it."""
 
     tensor: torch.Tensor  # the tensor the view is of (the input itself unless it was copied)
-    array: np.ndarray     # the kernels' view of it
+    array: np.ndarray  # the kernels' view of it
     layout: KernelLayout
 
 
@@ -95,11 +102,11 @@ class KernelInput(NamedTuple):
 # kernels read it in, or None: no zero-copy view (copy to contiguous). The
 # item size matters: a float64 (2, 4) contiguous array and a float32 (2, 4)
 # view of every other column have the same strides in bytes.
-_LAYOUTS: dict[tuple[tuple[int, ...], tuple[int, ...], int], Optional[KernelLayout]] = {}
+_LAYOUTS: dict[tuple[tuple[int, ...], tuple[int, ...], int], KernelLayout | None] = {}
 _CACHE_LIMIT = 4096  # a model fed ever new shapes: start over past this
 
 
-def _layout_of(a: np.ndarray) -> Optional[KernelLayout]:
+def _layout_of(a: np.ndarray) -> KernelLayout | None:
     key = (a.shape, a.strides, a.itemsize)
     try:
         return _LAYOUTS[key]

@@ -18,6 +18,7 @@ prints its own check line. Each line is one ``os.write``, so lines from
 several ranks sharing a terminal or pipe never mix (a write to a pipe is
 atomic up to ``PIPE_BUF``, 4096 bytes on Linux: every text line is shorter).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,11 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from importlib import metadata
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,9 +59,17 @@ __all__ = [
 # Launcher variables worth seeing when a job misbehaves (rank and size are
 # shown through detect_launcher; these say where the ranks are and meet).
 _LAUNCHER_VARS = (
-    "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
-    "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_NAMESPACE",
-    "MPI_LOCALNRANKS", "SLURM_JOB_ID", "SLURM_NODELIST",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "PMIX_NAMESPACE",
+    "MPI_LOCALNRANKS",
+    "SLURM_JOB_ID",
+    "SLURM_NODELIST",
 )
 # How many ranks share this host, as the launchers say it (torchrun, Open MPI, MPICH).
 _LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
@@ -109,7 +119,8 @@ class CheckResult:
 
 # --- the report ----------------------------------------------------------------
 
-def mpi_query_reason(launcher: Launcher, mpi_imported: bool, requested: bool) -> Optional[str]:
+
+def mpi_query_reason(launcher: Launcher, mpi_imported: bool, requested: bool) -> str | None:
     """Why this process may import ``mpi4py.MPI`` (which initializes MPI), or None if it may not."""
     if requested:
         return "--mpi"
@@ -120,16 +131,17 @@ def mpi_query_reason(launcher: Launcher, mpi_imported: bool, requested: bool) ->
     return None
 
 
-def describe_backend(backend: str, size: int, ranks_here: Optional[int], shm: bool) -> str:
+def describe_backend(backend: str, size: int, ranks_here: int | None, shm: bool) -> str:
     """A sentence on what :func:`~syncbn.comm.auto_backend`'s answer means for ``size`` ranks.
 
     ``ranks_here``: how many of them the launcher put on this host, if it says.
     """
     if backend == "shm":
-        where = ("" if ranks_here is None else
-                 f"; the launcher put {ranks_here} of {size} ranks on this host")
-        return (f"shm: shared memory, if all {size} ranks share a host, else torch "
-                f"(decided alike on every rank at the first allreduce){where}")
+        where = "" if ranks_here is None else f"; the launcher put {ranks_here} of {size} ranks on this host"
+        return (
+            f"shm: shared memory, if all {size} ranks share a host, else torch "
+            f"(decided alike on every rank at the first allreduce){where}"
+        )
     if backend == "torch":
         why = " (SYNCBN_SHM turns shared memory off)" if size > 1 and not shm else ""
         return f"torch: torch.distributed all_reduce on the default group{why}"
@@ -138,11 +150,11 @@ def describe_backend(backend: str, size: int, ranks_here: Optional[int], shm: bo
     return "local: this process alone (no synchronization)"
 
 
-def _ranks_here(environ: Mapping[str, str]) -> Optional[int]:
+def _ranks_here(environ: Mapping[str, str]) -> int | None:
     for var in _LOCAL_SIZE_VARS:
         try:
             return int(environ[var])
-        except (KeyError, ValueError):
+        except (KeyError, ValueError):  # noqa: PERF203 -- a few variables, read once
             continue
     return None
 
@@ -169,8 +181,10 @@ def versions_section(launcher: Launcher, query_mpi: bool) -> Section:
     if mpi4py_version is None:
         entries["MPI library"] = "not queried: mpi4py is not installed"
     elif reason is None:
-        entries["MPI library"] = ("not queried: importing mpi4py.MPI initializes MPI and no MPI "
-                                  "launcher was detected (--mpi queries it anyway)")
+        entries["MPI library"] = (
+            "not queried: importing mpi4py.MPI initializes MPI and no MPI "
+            "launcher was detected (--mpi queries it anyway)"
+        )
     else:
         try:
             MPI = import_mpi()
@@ -182,7 +196,7 @@ def versions_section(launcher: Launcher, query_mpi: bool) -> Section:
     return Section("versions", entries)
 
 
-def _mpi4py_version() -> Optional[str]:
+def _mpi4py_version() -> str | None:
     """mpi4py's version without importing it (importing mpi4py.MPI initializes MPI), None if absent."""
     module = sys.modules.get("mpi4py")
     if module is not None:
@@ -208,15 +222,19 @@ def distributed_section() -> Section:
     initialized = available and dist.is_initialized()
     entries: dict[str, Any] = {"available": available, "initialized": initialized}
     if initialized:
-        entries.update(backend=str(dist.get_backend()), rank=dist.get_rank(),
-                       size=dist.get_world_size())
+        entries.update(backend=str(dist.get_backend()), rank=dist.get_rank(), size=dist.get_world_size())
     elif available:
         entries["note"] = "this command initializes it only for --check, after this report"
     return Section("torch.distributed", entries)
 
 
-def communicator_section(launcher: Launcher, torch_world_size: Optional[int], shm: bool,
-                         ranks_here: Optional[int], mpi4py_installed: bool) -> Section:
+def communicator_section(
+    launcher: Launcher,
+    torch_world_size: int | None,
+    shm: bool,
+    ranks_here: int | None,
+    mpi4py_installed: bool,
+) -> Section:
     """Which communicator ``process_group=None`` resolves to here, without starting a collective.
 
     Under a launcher of several ranks without torch.distributed, also what
@@ -237,15 +255,19 @@ def communicator_section(launcher: Launcher, torch_world_size: Optional[int], sh
         "process_group=None": describe_backend(backend, size, ranks_here, shm),
     }
     if backend == "mpi" and not mpi4py_installed:
-        entries["problem"] = ("mpi4py is not installed: the first forward raises ImportError "
-                              "(pip install 'syncbn[mpi]')")
+        entries["problem"] = (
+            "mpi4py is not installed: the first forward raises ImportError (pip install 'syncbn[mpi]')"
+        )
     if torch_world_size is None and launcher.size > 1:
         after = "init_process_group" if launcher.name == "torchrun" else "init_process_group_from_mpi"
         entries[f"after {after}"] = describe_backend(
-            auto_backend(launcher.size, launcher, shm), launcher.size, ranks_here, shm)
+            auto_backend(launcher.size, launcher, shm), launcher.size, ranks_here, shm
+        )
         if launcher.name == "torchrun":
-            entries["warning"] = ("under torchrun, None is local until torch.distributed is "
-                                  "initialized: call init_process_group before the first forward")
+            entries["warning"] = (
+                "under torchrun, None is local until torch.distributed is "
+                "initialized: call init_process_group before the first forward"
+            )
     entries["SYNCBN_SHM"] = "shared memory allowed" if shm else "shared memory off"
     return Section("communicator", entries)
 
@@ -274,8 +296,9 @@ def report(launcher: Launcher, query_mpi: bool = False) -> list[Section]:
         versions_section(launcher, query_mpi),
         launcher_section(launcher, env),
         distributed_section(),
-        communicator_section(launcher, torch_world_size, shm_enabled(), _ranks_here(env),
-                             _mpi4py_version() is not None),
+        communicator_section(
+            launcher, torch_world_size, shm_enabled(), _ranks_here(env), _mpi4py_version() is not None
+        ),
         environment_section(env),
     ]
 
@@ -302,6 +325,7 @@ def _shown(value: Any) -> str:
 
 # --- the check -------------------------------------------------------------------
 
+
 def init_for_check(launcher: Launcher, timeout: float) -> bool:
     """Initialize what the launcher implies: torch.distributed (gloo) under torchrun, MPI under mpirun.
 
@@ -318,8 +342,9 @@ def init_for_check(launcher: Launcher, timeout: float) -> bool:
     return False
 
 
-def run_check(comm: Communicator, launcher_size: Optional[int] = None,
-              calls: int = 50, values: int = CHECK_VALUES) -> CheckResult:
+def run_check(
+    comm: Communicator, launcher_size: int | None = None, calls: int = 50, values: int = CHECK_VALUES
+) -> CheckResult:
     """Time ``calls`` allreduces through ``comm`` (after a few untimed ones) and check every sum.
 
     Rank ``r`` contributes ``(r + 1) * [1, 2, ..., values]``, so every value
@@ -344,7 +369,7 @@ def run_check(comm: Communicator, launcher_size: Optional[int] = None,
     buf = torch.empty_like(positions)
     seconds: list[float] = []
     wrong_calls = 0
-    first_wrong: Optional[torch.Tensor] = None
+    first_wrong: torch.Tensor | None = None
     for call in range(WARMUP_CALLS + calls):
         buf.copy_(mine)
         start = time.perf_counter()
@@ -358,13 +383,25 @@ def run_check(comm: Communicator, launcher_size: Optional[int] = None,
             seconds.append(elapsed)
     problems = []
     if launcher_size is not None and comm.size != launcher_size:
-        problems.append(f"the communicator has {comm.size} rank(s) but the launcher started "
-                        f"{launcher_size} (is mpi4py built against the MPI of this mpirun?)")
+        problems.append(
+            f"the communicator has {comm.size} rank(s) but the launcher started "
+            f"{launcher_size} (is mpi4py built against the MPI of this mpirun?)"
+        )
     if first_wrong is not None:
-        problems.append(f"{wrong_calls} of {WARMUP_CALLS + calls} sums wrong: expected "
-                        f"{_head(expected)} (got {_head(first_wrong)})")
-    return CheckResult(comm.rank, comm.size, comm.name, values, calls,
-                       statistics.median(seconds) * 1e6, wrong_calls, "; ".join(problems))
+        problems.append(
+            f"{wrong_calls} of {WARMUP_CALLS + calls} sums wrong: expected "
+            f"{_head(expected)} (got {_head(first_wrong)})"
+        )
+    return CheckResult(
+        comm.rank,
+        comm.size,
+        comm.name,
+        values,
+        calls,
+        statistics.median(seconds) * 1e6,
+        wrong_calls,
+        "; ".join(problems),
+    )
 
 
 def _head(values: torch.Tensor, n: int = 3) -> str:
@@ -375,45 +412,59 @@ def _head(values: torch.Tensor, n: int = 3) -> str:
 def format_check(result: CheckResult) -> str:
     """One rank's check as one line (``sum ok`` or ``sum FAILED: why``)."""
     status = "sum ok" if result.ok else f"sum FAILED: {result.problem}"
-    return (f"check rank {result.rank} of {result.size}: communicator {result.communicator}, "
-            f"host {socket.gethostname()}, median {result.median_us:.1f} us "
-            f"({result.calls} calls of {result.values} float64), {status}")
+    return (
+        f"check rank {result.rank} of {result.size}: communicator {result.communicator}, "
+        f"host {socket.gethostname()}, median {result.median_us:.1f} us "
+        f"({result.calls} calls of {result.values} float64), {status}"
+    )
 
 
 # --- the command -----------------------------------------------------------------
+
 
 def _write_line(line: str) -> None:
     """One line, in one write where the OS allows (so ranks' lines do not mix)."""
     data = (line + "\n").encode()
     while data:
-        data = data[os.write(1, data):]
+        data = data[os.write(1, data) :]
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m syncbn",
         description="Report what syncbn sees in this process: build, versions, launcher, "
-                    "torch.distributed, the communicator process_group=None resolves to, "
-                    "environment. Under mpirun run it as 'python -m mpi4py -m syncbn'.")
-    parser.add_argument("--check", action="store_true",
-                        help="initialize what the launcher implies, resolve process_group=None "
-                             "and time a checked allreduce on every rank; exit 1 if a sum is wrong")
-    parser.add_argument("--mpi", action="store_true",
-                        help="query the MPI library even without an MPI launcher "
-                             "(importing mpi4py.MPI initializes MPI)")
+        "torch.distributed, the communicator process_group=None resolves to, "
+        "environment. Under mpirun run it as 'python -m mpi4py -m syncbn'.",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="initialize what the launcher implies, resolve process_group=None "
+        "and time a checked allreduce on every rank; exit 1 if a sum is wrong",
+    )
+    parser.add_argument(
+        "--mpi",
+        action="store_true",
+        help="query the MPI library even without an MPI launcher (importing mpi4py.MPI initializes MPI)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per printing rank")
-    parser.add_argument("--all-ranks", action="store_true",
-                        help="every rank prints its report (default: rank 0 only)")
+    parser.add_argument(
+        "--all-ranks", action="store_true", help="every rank prints its report (default: rank 0 only)"
+    )
     parser.add_argument("--calls", type=int, default=50, help="timed allreduce calls (default: 50)")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds torch.distributed waits for the other ranks (default: 120)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds torch.distributed waits for the other ranks (default: 120)",
+    )
     args = parser.parse_args(argv)
     if args.calls < 1:
         parser.error(f"--calls: expected a positive number (got {args.calls})")
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None, communicator: Optional[Communicator] = None) -> int:
+def main(argv: Sequence[str] | None = None, communicator: Communicator | None = None) -> int:
     """Print the report (and with ``--check`` the check); return the exit status.
 
     Args:
@@ -432,7 +483,7 @@ def main(argv: Optional[Sequence[str]] = None, communicator: Optional[Communicat
     if prints_report and not args.json:
         for line in format_sections(sections):
             _write_line(prefix + line)
-    result: Optional[CheckResult] = None
+    result: CheckResult | None = None
     if args.check:
         started_torch = False
         try:
@@ -442,8 +493,10 @@ def main(argv: Optional[Sequence[str]] = None, communicator: Optional[Communicat
             launcher_size = launcher.size if launcher.name != "none" else None
             result = run_check(communicator, launcher_size, calls=args.calls)
         except Exception as exc:  # set-up or collective failed: say so on this rank's line
-            _write_line(f"check rank {launcher.rank} of {launcher.size}: FAILED before a sum: "
-                        f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+            _write_line(
+                f"check rank {launcher.rank} of {launcher.size}: FAILED before a sum: "
+                f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            )
             return 1
         finally:
             if started_torch:
@@ -461,4 +514,3 @@ def main(argv: Optional[Sequence[str]] = None, communicator: Optional[Communicat
         if prints_report or result is not None:
             _write_line(json.dumps(document, default=str))
     return 0 if result is None or result.ok else 1
-

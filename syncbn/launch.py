@@ -6,10 +6,11 @@ variables ``torch.distributed`` wants (``MASTER_ADDR``, ``MASTER_PORT``,
 the MPI communicator instead, so an MPI job can use ``DistributedDataParallel``
 (gradients over gloo) alongside :class:`syncbn.SyncBatchNorm` over mpi4py.
 """
+
 from __future__ import annotations
 
 import socket
-from typing import Any, Optional
+from typing import Any
 
 import torch.distributed as dist
 
@@ -27,7 +28,7 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def init_process_group_from_mpi(backend: str = "gloo", comm: Optional[Any] = None) -> tuple[int, int]:
+def init_process_group_from_mpi(backend: str = "gloo", comm: Any | None = None) -> tuple[int, int]:
     r"""Initialize the default ``torch.distributed`` process group from MPI.
 
     Rank and world size come from the MPI communicator.  Rank 0 picks the
@@ -95,13 +96,11 @@ def init_process_group_from_mpi(backend: str = "gloo", comm: Optional[Any] = Non
             f"expected all or none (got ranks {ready} of {size})"
         )
 
-    address: Optional[tuple[str, int]] = None
+    address: tuple[str, int] | None = None
     if rank == 0:
         hosts = {host for host, _ in states}
-        if len(hosts) == 1:
-            address = (_LOOPBACK, _free_port(_LOOPBACK))
-        else:
-            address = (states[0][0], _free_port(""))
+        # one host: loopback; several: rank 0's host name, on any interface
+        address = (_LOOPBACK, _free_port(_LOOPBACK)) if len(hosts) == 1 else (states[0][0], _free_port(""))
     host, port = comm.bcast(address, root=0)
     dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=size)
     return rank, size

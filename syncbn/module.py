@@ -1,10 +1,10 @@
 """``SyncBatchNorm``: the module that decides; ``function.py`` computes."""
+
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -84,19 +84,18 @@ class SyncBatchNorm(_BatchNorm):
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
+        momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
         process_group: CommSpec = None,
         device: Any = None,
-        dtype: Optional[torch.dtype] = None,
+        dtype: torch.dtype | None = None,
         *,
-        debug: Optional[bool] = None,
+        debug: bool | None = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
-        self._comm: Optional[Communicator] = None
+        self._comm: Communicator | None = None
         # Common shift of the statistics sums (see function.py); starts at
         # zero on every rank, then follows the global mean. Derived state: a
         # float64 CPU tensor kept out of the parameters and buffers (so out of
@@ -127,12 +126,14 @@ class SyncBatchNorm(_BatchNorm):
 
     def __getstate__(self) -> dict[str, Any]:
         # the resolved communicator holds live handles (copy.deepcopy, pickle)
-        state = super().__getstate__()
+        # torch leaves Module.__getstate__ unannotated
+        state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
         state["_comm"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        # torch leaves Module.__setstate__ unannotated
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
         if "_shift_tensor" not in self.__dict__:  # pickled by an earlier version: a NumPy shift
             self._shift_tensor = torch.from_numpy(self._shift)
         # a copy's view must be of its own tensor (copied apart, they share no memory)
@@ -143,7 +144,8 @@ class SyncBatchNorm(_BatchNorm):
         if input.dim() < 2:
             raise ValueError(
                 f"SyncBatchNorm: expected an input of at least 2 dimensions (N, C, ...) "
-                f"(got {input.dim()}D input of shape {list(input.shape)})")
+                f"(got {input.dim()}D input of shape {list(input.shape)})"
+            )
 
     def _check_input(self, input: torch.Tensor) -> None:
         # The rule for every error path: raise before any collective is
@@ -156,15 +158,18 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(
                 f"SyncBatchNorm: expected input with {self.num_features} channels "
                 f"(num_features) in dimension 1 (got {input.shape[1]}, input shape "
-                f"{list(input.shape)})")
+                f"{list(input.shape)})"
+            )
         if not input.is_floating_point():
             raise TypeError(
                 "SyncBatchNorm: expected a floating-point input (float32, float64, "
-                f"float16 or bfloat16) (got {input.dtype})")
+                f"float16 or bfloat16) (got {input.dtype})"
+            )
         if not input.is_cpu:
             raise ValueError(
                 f"SyncBatchNorm: expected a CPU tensor (got device {input.device}); "
-                "for GPUs use torch.nn.SyncBatchNorm")
+                "for GPUs use torch.nn.SyncBatchNorm"
+            )
 
     def _member(self, table: dict[str, Any], name: str) -> Any:
         """``getattr(self, name)`` for a parameter or buffer, straight from its
@@ -190,46 +195,70 @@ class SyncBatchNorm(_BatchNorm):
             # Batch statistics in eval (track_running_stats=False) stay local,
             # like torch.nn.SyncBatchNorm's; a scratch shift keeps the shared
             # one identical across ranks.
-            return sync_batch_norm(input, weight, bias, LayerArgs(
-                None, None, None, self._shift.copy(), self.eps, self.momentum, _LOCAL))
+            return sync_batch_norm(
+                input,
+                weight,
+                bias,
+                LayerArgs(None, None, None, self._shift.copy(), self.eps, self.momentum, _LOCAL),
+            )
         tracking = self.track_running_stats
         comm = checked if checked is not None else self.communicator
-        return sync_batch_norm(input, weight, bias, LayerArgs(
-            running_mean if tracking else None,
-            running_var if tracking else None,
-            self._member(buffers, "num_batches_tracked") if tracking else None,
-            self._shift, self.eps, self.momentum, comm))
+        return sync_batch_norm(
+            input,
+            weight,
+            bias,
+            LayerArgs(
+                running_mean if tracking else None,
+                running_var if tracking else None,
+                self._member(buffers, "num_batches_tracked") if tracking else None,
+                self._shift,
+                self.eps,
+                self.momentum,
+                comm,
+            ),
+        )
 
-    def _traced_forward(self, input: torch.Tensor, weight: Optional[torch.Tensor],
-                        bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def _traced_forward(
+        self, input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         """The forward's batch-statistics branch as torch.compile traces it:
         the same steps, as the operators of _ops.py (debug mode stays eager:
         its check is not traceable)."""
         shift = self._shift_tensor
         if not self.training:
-            return _ops.sync_batch_norm(input, weight, bias, shift.clone(), None, None, None,
-                                        self.eps, self.momentum, _ops.LOCAL)
+            return _ops.sync_batch_norm(
+                input, weight, bias, shift.clone(), None, None, None, self.eps, self.momentum, _ops.LOCAL
+            )
         buffers = self._buffers
         tracking = self.track_running_stats
         return _ops.sync_batch_norm(
-            input, weight, bias, shift,
+            input,
+            weight,
+            bias,
+            shift,
             self._member(buffers, "running_mean") if tracking else None,
             self._member(buffers, "running_var") if tracking else None,
             self._member(buffers, "num_batches_tracked") if tracking else None,
-            self.eps, self.momentum, self._op_key)
+            self.eps,
+            self.momentum,
+            self._op_key,
+        )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (
-            f", process_group={self.process_group!r}" if self.process_group is not None else "")
+        # torch leaves extra_repr unannotated
+        base: str = super().extra_repr()  # type: ignore[no-untyped-call]
+        return base + (f", process_group={self.process_group!r}" if self.process_group is not None else "")
 
     @classmethod
-    def convert_sync_batchnorm(cls, module: torch.nn.Module,
-                               process_group: CommSpec = None) -> torch.nn.Module:
+    def convert_sync_batchnorm(
+        cls, module: torch.nn.Module, process_group: CommSpec = None
+    ) -> torch.nn.Module:
         """See :func:`syncbn.convert_sync_batchnorm`."""
         return convert_sync_batchnorm(module, process_group)
 
 
 _LOCAL = LocalCommunicator()
+
 
 def _copy_state(src: _BatchNorm, dst: _BatchNorm) -> None:
     """Make ``dst`` share ``src``'s parameters and buffers (the same objects)."""
@@ -245,8 +274,7 @@ def _copy_state(src: _BatchNorm, dst: _BatchNorm) -> None:
         dst.qconfig = src.qconfig
 
 
-def convert_sync_batchnorm(module: torch.nn.Module,
-                           process_group: CommSpec = None) -> torch.nn.Module:
+def convert_sync_batchnorm(module: torch.nn.Module, process_group: CommSpec = None) -> torch.nn.Module:
     """Replace every batch-norm layer in ``module`` with :class:`SyncBatchNorm`.
 
     Every ``torch.nn.modules.batchnorm._BatchNorm`` (BatchNorm1d/2d/3d,
@@ -270,8 +298,14 @@ def convert_sync_batchnorm(module: torch.nn.Module,
     """
     out = module
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
-        out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group)
+        out = SyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group,
+        )
         _copy_state(module, out)
     for name, child in module.named_children():
         new = convert_sync_batchnorm(child, process_group)
@@ -300,7 +334,8 @@ class BatchNorm(_BatchNorm):
         if input.dim() < 2:
             raise ValueError(
                 f"BatchNorm: expected an input of at least 2 dimensions (N, C, ...) "
-                f"(got {input.dim()}D input of shape {list(input.shape)})")
+                f"(got {input.dim()}D input of shape {list(input.shape)})"
+            )
 
 
 def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
@@ -316,8 +351,9 @@ def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     """
     out = module
     if isinstance(module, (SyncBatchNorm, torch.nn.SyncBatchNorm)):
-        out = BatchNorm(module.num_features, module.eps, module.momentum,
-                                module.affine, module.track_running_stats)
+        out = BatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         _copy_state(module, out)
     for name, child in module.named_children():
         new = revert_sync_batchnorm(child)

@@ -10,10 +10,11 @@
 :func:`get_communicator` turns what a user passes as ``process_group`` into
 one of them. mpi4py and torch.distributed are imported only when asked for.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from .base import Communicator, LocalCommunicator, gather_values
 from .distributed import TorchCommunicator
@@ -82,7 +83,8 @@ def get_communicator(spec: CommSpec = None) -> Communicator:
             return SharedMemoryCommunicator._over(group_segment(auto.group, auto.communicator))
         raise ValueError(
             f"process_group: expected {', '.join(_NAMES)}, a torch.distributed ProcessGroup "
-            f"or an mpi4py communicator (got {spec!r})")
+            f"or an mpi4py communicator (got {spec!r})"
+        )
     if is_mpi_comm(spec):
         return MPICommunicator(spec)
     import torch.distributed as dist
@@ -91,7 +93,8 @@ def get_communicator(spec: CommSpec = None) -> Communicator:
         return _shm_or_torch(spec, TorchCommunicator(spec))
     raise TypeError(
         f"process_group: expected {', '.join(_NAMES)}, a torch.distributed ProcessGroup, "
-        f"an mpi4py communicator or a syncbn.comm.Communicator (got {type(spec).__name__})")
+        f"an mpi4py communicator or a syncbn.comm.Communicator (got {type(spec).__name__})"
+    )
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ THIS_PROCESS = object()
 """The group of a single process (the key of its shared-memory registration)."""
 
 
-def auto_backend(torch_world_size: Optional[int], launcher: Launcher, shm: bool) -> str:
+def auto_backend(torch_world_size: int | None, launcher: Launcher, shm: bool) -> str:
     """The name of the backend ``None`` (or ``"auto"``) resolves to; the one place that decides.
 
     Pure: nothing is imported, initialized or communicated, so it also
@@ -154,7 +157,7 @@ def _auto_group(backend: str) -> AutoGroup:
     return AutoGroup(dist.group.WORLD, TorchCommunicator())
 
 
-def _torch_world_size() -> Optional[int]:
+def _torch_world_size() -> int | None:
     """The size of torch.distributed's default group, None when it is not initialized."""
     import torch.distributed as dist
 

