@@ -139,7 +139,7 @@ def batch_stats(
         running_mean, running_var, num_batches_tracked, shift.numpy(), eps, momentum, _communicator(comm)
     )
     statistics = batch_statistics(kx.array, args, torch.get_num_threads())
-    count = torch.tensor(statistics.count, dtype=torch.float64)
+    count = torch.tensor(statistics.global_count, dtype=torch.float64)
     if statistics.stats is None:
         return torch.zeros(3, x.shape[1], dtype=torch.float64), count
     return torch.from_numpy(statistics.stats), count

@@ -12,9 +12,10 @@ and leaving the last: errors that depend on local data are raised by the
 module before the forward allreduce; errors that depend on global values
 (the global count) are raised after it, on every rank alike.
 """
+
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,27 +33,27 @@ class LayerArgs(NamedTuple):
     """What a call needs besides the input and the affine parameters
     (nothing here is differentiated)."""
 
-    running_mean: Optional[torch.Tensor]  # updated in place, or None: no update
-    running_var: Optional[torch.Tensor]
-    num_batches_tracked: Optional[torch.Tensor]  # counts the batches; momentum None needs it
+    running_mean: torch.Tensor | None  # updated in place, or None: no update
+    running_var: torch.Tensor | None
+    num_batches_tracked: torch.Tensor | None  # counts the batches; momentum None needs it
     shift: np.ndarray  # float64 (C,), common to all ranks; becomes this call's global mean
     eps: float
-    momentum: Optional[float]  # None: cumulative moving average
+    momentum: float | None  # None: cumulative moving average
     comm: Communicator
 
 
 class BatchStatistics(NamedTuple):
     """The global batch's statistics."""
 
-    count: float  # values per channel over all ranks
-    stats: Optional[np.ndarray]  # (3, C) float64: mean, invstd, biased variance; None if count is 0
+    global_count: float  # values per channel over all ranks
+    stats: np.ndarray | None  # (3, C) float64: mean, invstd, biased variance; None if count is 0
 
 
 # stats rows
 MEAN, INVSTD, VAR = 0, 1, 2
 
 
-def _param(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
+def _param(t: torch.Tensor | None) -> np.ndarray | None:
     """A per-channel parameter as the kernels take it: a view of a float32 or
     float64 tensor (no copy), a float64 copy of other dtypes."""
     if t is None:
@@ -67,10 +68,10 @@ class _RunningViews(NamedTuple):
 
     mean: np.ndarray
     var: np.ndarray
-    batches: Optional[np.ndarray]
+    batches: np.ndarray | None
 
 
-def _running_views(args: LayerArgs) -> Optional[_RunningViews]:
+def _running_views(args: LayerArgs) -> _RunningViews | None:
     """NumPy views of the running statistics and the batch counter (float64
     copies of float16 / bfloat16 buffers, written back by :func:`_running_done`),
     or None: no update."""
@@ -119,16 +120,16 @@ def batch_statistics(x: np.ndarray, args: LayerArgs, num_threads: int) -> BatchS
         return BatchStatistics(0.0, None)
     stats = np.empty((3, C))
     running = _running_views(args)
-    update: dict[str, Any] = dict(
+    update: dict[str, Any] = {
         # The next call's shift is this call's global mean: identical on every
         # rank (it comes out of the allreduce) and close to the next batch's
         # mean, which keeps the shifted sums free of cancellation.
-        next_shift=shift,
-        running_mean=None if running is None else running.mean,
-        running_var=None if running is None else running.var,
-        factor=args.momentum,  # None: finish_stats makes the cumulative average
-        num_batches_tracked=None if running is None else running.batches,
-    )
+        "next_shift": shift,
+        "running_mean": None if running is None else running.mean,
+        "running_var": None if running is None else running.var,
+        "factor": args.momentum,  # None: finish_stats makes the cumulative average
+        "num_batches_tracked": None if running is None else running.batches,
+    }
     if _kernels.finish_stats(sums, shift, args.eps, stats, refine=True, **update):
         around = stats[MEAN].copy()
         _kernels.local_stats(x, around, sums, num_threads)
@@ -144,7 +145,8 @@ def _check_count(count: float, x: np.ndarray) -> None:
     if count == 1:
         raise ValueError(
             "Expected more than 1 value per channel when training, got a global "
-            f"batch of 1 value per channel (local input of {x.size} values)")
+            f"batch of 1 value per channel (local input of {x.size} values)"
+        )
 
 
 class _Forward(NamedTuple):
@@ -155,11 +157,12 @@ class _Forward(NamedTuple):
     input_view: np.ndarray
     layout: KernelLayout
     statistics: BatchStatistics
-    weight_view: Optional[np.ndarray]
+    weight_view: np.ndarray | None
 
 
-def _forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-             args: LayerArgs) -> _Forward:
+def _forward(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, args: LayerArgs
+) -> _Forward:
     kx = kernel_input(x)
     num_threads = torch.get_num_threads()
     if args.comm.size == 1 and not kx.layout.rows:
@@ -170,14 +173,21 @@ def _forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
     if stats is None:
         return _Forward(torch.empty_like(x), kx.tensor, kx.array, kx.layout, statistics, weight_view)
     out = kx.layout.new_like(kx.tensor, kx.tensor.dtype)
-    _kernels.normalize(kx.array, stats[MEAN], stats[INVSTD], weight_view, _param(bias),
-                       out.array, num_threads)
+    _kernels.normalize(
+        kx.array, stats[MEAN], stats[INVSTD], weight_view, _param(bias), out.array, num_threads
+    )
     y = out.tensor if out.tensor.dtype == x.dtype else out.tensor.to(x.dtype)
     return _Forward(y, kx.tensor, kx.array, kx.layout, statistics, weight_view)
 
 
-def _forward_alone(x: torch.Tensor, kx: KernelInput, weight: Optional[torch.Tensor],
-                   bias: Optional[torch.Tensor], args: LayerArgs, num_threads: int) -> _Forward:
+def _forward_alone(
+    x: torch.Tensor,
+    kx: KernelInput,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    args: LayerArgs,
+    num_threads: int,
+) -> _Forward:
     """The forward of a group of one process: nothing to wait for between the
     statistics and the normalization, so one kernel call does both, channel
     by channel, while each channel's values are in cache."""
@@ -186,19 +196,26 @@ def _forward_alone(x: torch.Tensor, kx: KernelInput, weight: Optional[torch.Tens
     _check_count(count, kx.array)
     weight_view = _param(weight)
     if count == 0:
-        return _Forward(torch.empty_like(x), kx.tensor, kx.array, kx.layout,
-                        BatchStatistics(0.0, None), weight_view)
+        return _Forward(
+            torch.empty_like(x), kx.tensor, kx.array, kx.layout, BatchStatistics(0.0, None), weight_view
+        )
     stats = np.empty((3, C))
     running = _running_views(args)
     out = kx.layout.new_like(kx.tensor, kx.tensor.dtype)
     _kernels.local_forward(
-        kx.array, weight_view, _param(bias), args.eps, out.array, stats,
+        kx.array,
+        weight_view,
+        _param(bias),
+        args.eps,
+        out.array,
+        stats,
         next_shift=args.shift,
         running_mean=None if running is None else running.mean,
         running_var=None if running is None else running.var,
         factor=args.momentum,
         num_batches_tracked=None if running is None else running.batches,
-        num_threads=num_threads)
+        num_threads=num_threads,
+    )
     if running is not None:
         _running_done(args, running)
     y = out.tensor if out.tensor.dtype == x.dtype else out.tensor.to(x.dtype)
@@ -208,14 +225,23 @@ def _forward_alone(x: torch.Tensor, kx: KernelInput, weight: Optional[torch.Tens
 class _Saved:
     """What the backward needs besides the saved tensors (named, on ``ctx``)."""
 
-    __slots__ = ("input_view", "weight_view", "layout", "statistics", "comm",
-                 "input_dtype", "kernel_dtype", "bias_dtype")
+    __slots__ = (
+        "bias_dtype",
+        "comm",
+        "input_dtype",
+        "input_view",
+        "kernel_dtype",
+        "layout",
+        "statistics",
+        "weight_view",
+    )
 
-    def __init__(self, forward: _Forward, x: torch.Tensor, bias: Optional[torch.Tensor],
-                 comm: Communicator) -> None:
+    def __init__(
+        self, forward: _Forward, x: torch.Tensor, bias: torch.Tensor | None, comm: Communicator
+    ) -> None:
         kernel_dtype = forward.input.dtype
         # the kernels' view of the input, when the input saved is that tensor
-        self.input_view: Optional[np.ndarray] = forward.input_view if kernel_dtype == x.dtype else None
+        self.input_view: np.ndarray | None = forward.input_view if kernel_dtype == x.dtype else None
         self.weight_view = forward.weight_view
         self.layout = forward.layout
         self.statistics = forward.statistics
@@ -240,7 +266,7 @@ def _new_grad_input(saved: _Saved, x: torch.Tensor) -> KernelTensor:
     return saved.layout.empty(saved.kernel_dtype)
 
 
-def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     x, weight = ctx.saved_tensors  # (also autograd's check that neither was modified in place)
     saved: _Saved = ctx.saved
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -248,22 +274,35 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor],
     stats = saved.statistics.stats
     if stats is None:
         # every rank saw a global count of 0 and skips the collective alike
-        return (torch.zeros_like(grad_out, dtype=saved.input_dtype) if need_x else None,
-                torch.zeros(C, dtype=weight.dtype) if need_w else None,
-                torch.zeros(C, dtype=saved.bias_dtype) if need_b else None, None)
+        return (
+            torch.zeros_like(grad_out, dtype=saved.input_dtype) if need_x else None,
+            torch.zeros(C, dtype=weight.dtype) if need_w else None,
+            torch.zeros(C, dtype=saved.bias_dtype) if need_b else None,
+            None,
+        )
     layout, kernel_dtype = saved.layout, saved.kernel_dtype
     x_view = saved.input_view if saved.input_view is not None else kernel_view(x, layout, kernel_dtype)
     dy_view = kernel_view(grad_out, layout, kernel_dtype)
     num_threads = torch.get_num_threads()
     # parameter gradients are local sums, written before the buffer is reduced
     gw, grad_w = _grad_vector(weight.dtype, C) if need_w else (None, None)
-    gb, grad_b = _grad_vector(saved.bias_dtype, C) if need_b else (None, None)
+    bias_dtype = saved.bias_dtype
+    gb, grad_b = _grad_vector(bias_dtype, C) if need_b and bias_dtype is not None else (None, None)
     grad_x = None
     if saved.comm.size == 1 and not layout.rows:
         # a group of one: the reduction and the input gradient in one call
         dx = _new_grad_input(saved, x) if need_x else None
-        _kernels.local_backward(dy_view, x_view, stats[MEAN], stats[INVSTD], saved.weight_view,
-                                None if dx is None else dx.array, gw, gb, num_threads)
+        _kernels.local_backward(
+            dy_view,
+            x_view,
+            stats[MEAN],
+            stats[INVSTD],
+            saved.weight_view,
+            None if dx is None else dx.array,
+            gw,
+            gb,
+            num_threads,
+        )
         if dx is not None:
             grad_x = dx.tensor
     else:
@@ -274,8 +313,18 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor],
                 saved.comm.allreduce_array_(sums)
             dx = _new_grad_input(saved, x)
             # (backward_input takes the reduced sums and divides them by the count)
-            _kernels.backward_input(dy_view, x_view, stats[MEAN], stats[INVSTD], saved.weight_view,
-                                    sums[:C], sums[C:], dx.array, num_threads, saved.statistics.count)
+            _kernels.backward_input(
+                dy_view,
+                x_view,
+                stats[MEAN],
+                stats[INVSTD],
+                saved.weight_view,
+                sums[:C],
+                sums[C:],
+                dx.array,
+                num_threads,
+                saved.statistics.global_count,
+            )
             grad_x = dx.tensor
     if grad_x is not None and grad_x.dtype != saved.input_dtype:
         grad_x = grad_x.to(saved.input_dtype)
@@ -296,11 +345,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm with statistics summed over ``args.comm``."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
-        weight: Optional[torch.Tensor],
-        bias: Optional[torch.Tensor],
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
         args: LayerArgs,
     ) -> torch.Tensor:
         # (One argument for everything not differentiated: Function.apply costs per argument.)
@@ -315,14 +364,15 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return forward.output
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():
             return _backward_once(ctx, grad_out)
         return _backward(ctx, grad_out)
 
 
-def sync_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                    args: LayerArgs) -> torch.Tensor:
+def sync_batch_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, args: LayerArgs
+) -> torch.Tensor:
     """Batch norm with batch statistics summed over ``args.comm``; updates the running statistics.
 
     Args:
@@ -336,7 +386,9 @@ def sync_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad))
+        or (bias is not None and bias.requires_grad)
+    )
     if needs_grad:
-        return SyncBatchNormFunction.apply(x, weight, bias, args)
+        out: torch.Tensor = SyncBatchNormFunction.apply(x, weight, bias, args)  # type: ignore[no-untyped-call]
+        return out
     return _forward(x, weight, bias, args).output
