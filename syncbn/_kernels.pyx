@@ -1196,6 +1196,49 @@ cdef void _local_backward_channel(
         _affine_run(dy, x, out, n * C + c, 0, L, m, <floating>a, <floating>b, <floating>k, True)
 
 
+cdef void _local_forward_channels(
+    const floating[:, ::1] x,   # IN  runs (N * C, L)
+    floating[:, ::1] out,       # OUT like x
+    Py_ssize_t N,               # IN
+    double eps,                 # IN
+    FVec w,                     # IN  weight or None
+    FVec b,                     # IN  bias or None
+    double* stats,              # OUT (3, C)
+    int nt,                     # IN  threads
+) noexcept nogil:
+    cdef Py_ssize_t C = x.shape[0] // N, c
+    if nt == 1:
+        # no parallel region: even a one-thread team costs microseconds
+        for c in range(C):
+            _local_forward_channel(x, out, N, c, eps, _fat(w, c, 1.0), _fat(b, c, 0.0), stats)
+    else:
+        for c in prange(C, num_threads=nt, schedule='static'):
+            _local_forward_channel(x, out, N, c, eps, _fat(w, c, 1.0), _fat(b, c, 0.0), stats)
+
+
+cdef void _local_backward_channels(
+    const floating[:, ::1] dy,  # IN  runs (N * C, L)
+    const floating[:, ::1] x,   # IN  like dy
+    floating[:, ::1] out,       # OUT like dy, written when grad_input
+    Py_ssize_t N,               # IN
+    const double* mean,         # IN  (C,)
+    const double* invstd,       # IN  (C,)
+    FVec w,                     # IN  weight or None
+    bint grad_input,            # IN
+    double* sums,               # OUT (2C,)
+    int nt,                     # IN  threads
+) noexcept nogil:
+    cdef Py_ssize_t C = dy.shape[0] // N, c
+    if nt == 1:
+        for c in range(C):
+            _local_backward_channel(dy, x, out, N, c, mean[c], invstd[c], _fat(w, c, 1.0),
+                                    grad_input, sums)
+    else:
+        for c in prange(C, num_threads=nt, schedule='static'):
+            _local_backward_channel(dy, x, out, N, c, mean[c], invstd[c], _fat(w, c, 1.0),
+                                    grad_input, sums)
+
+
 cdef int _check_runs(str name, object a) except -1:
     if cnp.PyArray_NDIM(<cnp.ndarray>a) != 3:
         raise ValueError(f"{name}: expected the channels-first layout (N, C, L) "
@@ -1258,22 +1301,12 @@ def local_forward(
         xf = _rows(a)
         of = _rows(<cnp.ndarray>out)
         with nogil:
-            if nt == 1:
-                for c in range(C):
-                    _local_forward_channel(xf, of, N, c, eps, _fat(w, c, 1.0), _fat(b, c, 0.0), st)
-            else:
-                for c in prange(C, num_threads=nt, schedule='static'):
-                    _local_forward_channel(xf, of, N, c, eps, _fat(w, c, 1.0), _fat(b, c, 0.0), st)
+            _local_forward_channels(xf, of, N, eps, w, b, st, nt)
     else:
         xd = _rows(a)
         od = _rows(<cnp.ndarray>out)
         with nogil:
-            if nt == 1:
-                for c in range(C):
-                    _local_forward_channel(xd, od, N, c, eps, _fat(w, c, 1.0), _fat(b, c, 0.0), st)
-            else:
-                for c in prange(C, num_threads=nt, schedule='static'):
-                    _local_forward_channel(xd, od, N, c, eps, _fat(w, c, 1.0), _fat(b, c, 0.0), st)
+            _local_forward_channels(xd, od, N, eps, w, b, st, nt)
     if nxt != NULL:
         for c in range(C):
             if isfinite(st[c]):
@@ -1329,27 +1362,13 @@ def local_backward(
             xf = _rows(<cnp.ndarray>x)
             of = _rows(<cnp.ndarray>out) if grad_input else np.empty((0, 1), np.float32)
             with nogil:
-                if nt == 1:
-                    for c in range(C):
-                        _local_backward_channel(gf, xf, of, N, c, mu[c], inv[c], _fat(w, c, 1.0),
-                                                grad_input, sums)
-                else:
-                    for c in prange(C, num_threads=nt, schedule='static'):
-                        _local_backward_channel(gf, xf, of, N, c, mu[c], inv[c], _fat(w, c, 1.0),
-                                                grad_input, sums)
+                _local_backward_channels(gf, xf, of, N, mu, inv, w, grad_input, sums, nt)
         else:
             gd = _rows(a)
             xd = _rows(<cnp.ndarray>x)
             od = _rows(<cnp.ndarray>out) if grad_input else np.empty((0, 1), np.float64)
             with nogil:
-                if nt == 1:
-                    for c in range(C):
-                        _local_backward_channel(gd, xd, od, N, c, mu[c], inv[c], _fat(w, c, 1.0),
-                                                grad_input, sums)
-                else:
-                    for c in prange(C, num_threads=nt, schedule='static'):
-                        _local_backward_channel(gd, xd, od, N, c, mu[c], inv[c], _fat(w, c, 1.0),
-                                                grad_input, sums)
+                _local_backward_channels(gd, xd, od, N, mu, inv, w, grad_input, sums, nt)
     for c in range(C):
         if gw.data != NULL:
             _fput(gw, c, sums[C + c] * inv[c])
