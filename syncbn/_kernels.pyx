@@ -1022,6 +1022,34 @@ cdef void _lerp(FVec buf, const double* target, double scale, double factor,
 # raises ZeroDivisionError): with eps = 0 a constant channel's invstd is
 # 1 / sqrt(0) = inf, as in torch, not an exception.
 @cython.cdivision(True)
+cdef void _record_batch(
+    const double* mean,         # IN  (C,) the batch's mean
+    const double* var,          # IN  (C,) its biased variance
+    double n,                   # IN  its count per channel
+    Py_ssize_t C,               # IN
+    double* next_shift,         # OUT (C,) or NULL: the mean where finite
+    FVec running_mean,          # IN/OUT or None
+    FVec running_var,           # IN/OUT or None (unbiased variance)
+    int64_t* batches,           # IN/OUT or NULL: += 1
+    double factor,              # IN  weight of this batch in the running statistics
+    bint cumulative,            # IN  instead: 1 / batches seen (momentum None)
+) noexcept:
+    """What finishing a batch writes besides its statistics: the next shift,
+    the batch counter and the running statistics (torch's formula)."""
+    cdef Py_ssize_t c
+    cdef double f = factor
+    if next_shift != NULL:
+        for c in range(C):
+            if isfinite(mean[c]):
+                next_shift[c] = mean[c]
+    if batches != NULL:
+        batches[0] += 1
+        if cumulative:
+            f = 1.0 / <double>batches[0]
+    _lerp(running_mean, mean, 1.0, f, C)
+    _lerp(running_var, var, n / (n - 1.0) if n > 1.0 else INFINITY, f, C)
+
+
 def finish_stats(
     sums,                   # IN  (2C + 1,) float64: local_stats' output, reduced over ranks
     shift,                  # IN  (C,) float64: the shift the sums were taken around
@@ -1097,16 +1125,7 @@ def finish_stats(
         return True
     for c in range(C):
         invstd[c] = 1.0 / sqrt(var[c] + eps)
-    if nxt != NULL:
-        for c in range(C):
-            if isfinite(mean[c]):
-                nxt[c] = mean[c]
-    if batches != NULL:
-        batches[0] += 1
-        if factor is None:
-            f = 1.0 / <double>batches[0]
-    _lerp(rm, mean, 1.0, f, C)
-    _lerp(rv, var, n / (n - 1.0) if n > 1.0 else INFINITY, f, C)
+    _record_batch(mean, var, n, C, nxt, rm, rv, batches, f, factor is None)
     return False
 
 
@@ -1307,16 +1326,7 @@ def local_forward(
         od = _rows(<cnp.ndarray>out)
         with nogil:
             _local_forward_channels(xd, od, N, eps, w, b, st, nt)
-    if nxt != NULL:
-        for c in range(C):
-            if isfinite(st[c]):
-                nxt[c] = st[c]
-    if batches != NULL:
-        batches[0] += 1
-        if factor is None:
-            f = 1.0 / <double>batches[0]
-    _lerp(rm, st, 1.0, f, C)
-    _lerp(rv, st + 2 * C, count / (count - 1.0), f, C)
+    _record_batch(st, st + 2 * C, count, C, nxt, rm, rv, batches, f, factor is None)
 
 
 def local_backward(
