@@ -8,8 +8,9 @@ combines them across processes.
 from ._build_info import build_info
 from ._version import __version__ as __version__
 from .comm import Communicator, get_communicator
+from .convert import convert_sync_batchnorm, revert_sync_batchnorm
 from .launch import init_process_group_from_mpi
-from .module import BatchNorm, SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from .module import BatchNorm, SyncBatchNorm
 
 __all__ = [
     "BatchNorm",

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _ops
+from ._activation import apply_activation, check_activation, check_residual
 from ._debug import LayerCheck
 from .comm import CommSpec, Communicator, LocalCommunicator, get_communicator
 from .function import LayerArgs, sync_batch_norm
 
-__all__ = ["BatchNorm", "SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
+__all__ = ["BatchNorm", "SyncBatchNorm"]
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -62,6 +63,16 @@ class SyncBatchNorm(_BatchNorm):
             a second check precedes the backward collective. Every rank must
             then build the same SyncBatchNorm layers in the same order. Default: the environment variable
             ``SYNCBN_DEBUG`` (``1`` turns it on).
+        activation: ``None``, ``"relu"``, ``"relu6"``, ``"leaky_relu"`` or
+            ``"silu"``: applied to the normalized output (after the residual,
+            if one is passed to ``forward``), fused into the layer's passes.
+            Default: ``None``
+        negative_slope: of ``"leaky_relu"``. Default: 0.01
+
+    ``forward(input, residual=None)``: ``residual``, a tensor of the input's
+    shape and dtype, is added after the affine transform and before the
+    activation, so ``SyncBatchNorm(C, activation="relu")(x, identity)`` is
+    ``relu(bn(x) + identity)`` in one layer.
 
     Shape:
         - Input: :math:`(N, C, +)`, any rank >= 2; channels-last and
@@ -92,8 +103,13 @@ class SyncBatchNorm(_BatchNorm):
         dtype: torch.dtype | None = None,
         *,
         debug: bool | None = None,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
     ) -> None:
+        check_activation(activation, negative_slope)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
         self.process_group = process_group
         self._comm: Communicator | None = None
         # Common shift of the statistics sums (see function.py); starts at
@@ -178,9 +194,18 @@ class SyncBatchNorm(_BatchNorm):
         taken it out."""
         return table[name] if name in table else getattr(self, name)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         checked = self._check.enter(self, input) if self.debug else None
         self._check_input(input)
+        if residual is not None:
+            check_residual("SyncBatchNorm", input, residual)
+        out = self._batch_norm(input, checked)
+        if residual is None and self.activation is None:
+            return out
+        z = out if residual is None else out + residual
+        return apply_activation(z, self.activation, self.negative_slope)
+
+    def _batch_norm(self, input: torch.Tensor, checked: Communicator | None) -> torch.Tensor:
         # The decisions of torch.nn.modules.batchnorm._BatchNorm.forward.
         params, buffers = self._parameters, self._buffers
         weight, bias = self._member(params, "weight"), self._member(params, "bias")
@@ -247,88 +272,70 @@ class SyncBatchNorm(_BatchNorm):
     def extra_repr(self) -> str:
         # torch leaves extra_repr unannotated
         base: str = super().extra_repr()  # type: ignore[no-untyped-call]
-        return base + (f", process_group={self.process_group!r}" if self.process_group is not None else "")
+        return (
+            base
+            + _activation_repr(self)
+            + (f", process_group={self.process_group!r}" if self.process_group is not None else "")
+        )
 
     @classmethod
     def convert_sync_batchnorm(
         cls, module: torch.nn.Module, process_group: CommSpec = None
     ) -> torch.nn.Module:
         """See :func:`syncbn.convert_sync_batchnorm`."""
+        from .convert import convert_sync_batchnorm
+
         return convert_sync_batchnorm(module, process_group)
 
 
 _LOCAL = LocalCommunicator()
 
 
-def _copy_state(src: _BatchNorm, dst: _BatchNorm) -> None:
-    """Make ``dst`` share ``src``'s parameters and buffers (the same objects)."""
-    if src.affine:
-        with torch.no_grad():
-            dst.weight = src.weight
-            dst.bias = src.bias
-    dst.running_mean = src.running_mean
-    dst.running_var = src.running_var
-    dst.num_batches_tracked = src.num_batches_tracked
-    dst.training = src.training
-    if hasattr(src, "qconfig"):
-        dst.qconfig = src.qconfig
-
-
-def convert_sync_batchnorm(module: torch.nn.Module, process_group: CommSpec = None) -> torch.nn.Module:
-    """Replace every batch-norm layer in ``module`` with :class:`SyncBatchNorm`.
-
-    Every ``torch.nn.modules.batchnorm._BatchNorm`` (BatchNorm1d/2d/3d,
-    ``torch.nn.SyncBatchNorm``, lazy ones once initialized) becomes a
-    ``syncbn.SyncBatchNorm`` that shares the original parameter and buffer
-    objects and copies the training flag; other normalizations
-    (InstanceNorm, GroupNorm, LayerNorm) are left alone.
-
-    Args:
-        module: the model, or a single layer.
-        process_group: passed to every new layer (see :class:`SyncBatchNorm`).
-
-    Returns:
-        The converted module (``module`` itself, changed in place, unless it
-        is a batch-norm layer).
-
-    Example::
-
-        >>> model = syncbn.convert_sync_batchnorm(model)
-        >>> model = torch.nn.parallel.DistributedDataParallel(model)
-    """
-    out = module
-    if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
-        out = SyncBatchNorm(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-            process_group,
-        )
-        _copy_state(module, out)
-    for name, child in module.named_children():
-        new = convert_sync_batchnorm(child, process_group)
-        if new is not child:
-            out.add_module(name, new)
-    return out
+def _activation_repr(layer: SyncBatchNorm | BatchNorm) -> str:
+    if layer.activation is None:
+        return ""
+    slope = f", negative_slope={layer.negative_slope}" if layer.activation == "leaky_relu" else ""
+    return f", activation={layer.activation!r}{slope}"
 
 
 class BatchNorm(_BatchNorm):
-    r"""Plain, unsynchronized batch normalization over an input of any rank >= 2.
+    r"""Plain, unsynchronized batch normalization over an input of any rank >= 2,
+    optionally followed by a residual add and an activation.
 
     What :func:`revert_sync_batchnorm` turns a synchronized layer into: the
     same computation as ``torch.nn.BatchNorm1d/2d/3d`` (it is torch's own
-    implementation), the same constructor, parameters, buffers and
-    ``state_dict`` keys, but, like :class:`SyncBatchNorm`, it accepts every
-    input shape ``(N, C, *)``, so a reverted model runs on whatever the
-    synchronized one did.
+    implementation), then ``+ residual`` and the activation with torch's
+    functions; the same constructor, parameters, buffers and ``state_dict``
+    keys as :class:`SyncBatchNorm`. Like it, it accepts every input shape
+    ``(N, C, *)``, so a reverted model runs on whatever the synchronized one did.
+
+    Args:
+        activation, negative_slope: as in :class:`SyncBatchNorm`.
 
     Examples::
 
         >>> bn = syncbn.BatchNorm(64)
         >>> y = bn(torch.randn(8, 64, 32, 32))
+        >>> block_out = syncbn.BatchNorm(64, activation="relu")(x, identity)
     """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
+    ) -> None:
+        check_activation(activation, negative_slope)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -337,26 +344,14 @@ class BatchNorm(_BatchNorm):
                 f"(got {input.dim()}D input of shape {list(input.shape)})"
             )
 
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        out: torch.Tensor = super().forward(input)
+        if residual is not None:
+            check_residual("BatchNorm", input, residual)
+            out = out + residual
+        return apply_activation(out, self.activation, self.negative_slope)
 
-def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every :class:`SyncBatchNorm` (ours or torch's) with plain batch norm.
-
-    For single-process inference or export: every synchronized layer
-    becomes a :class:`syncbn.BatchNorm` that shares its parameters and
-    buffers and copies its training flag. It accepts every input rank the
-    synchronized layer did, so the same model runs unchanged.
-
-    Returns:
-        The reverted module (``module`` itself unless it is a sync layer).
-    """
-    out = module
-    if isinstance(module, (SyncBatchNorm, torch.nn.SyncBatchNorm)):
-        out = BatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
-        )
-        _copy_state(module, out)
-    for name, child in module.named_children():
-        new = revert_sync_batchnorm(child)
-        if new is not child:
-            out.add_module(name, new)
-    return out
+    def extra_repr(self) -> str:
+        # torch leaves extra_repr unannotated
+        base: str = super().extra_repr()  # type: ignore[no-untyped-call]
+        return base + _activation_repr(self)
