@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import gc
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
@@ -23,7 +22,7 @@ import torch.nn as nn
 import syncbn
 from syncbn import SyncBatchNorm, _ops
 
-from launch import Job, run_job, tool
+from launch import Job, mpiexec_command, run_job, torchrun_command
 
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "compile_worker.py"
@@ -348,20 +347,10 @@ def _check(job: Job, kind: str) -> None:
 @pytest.mark.launcher
 @pytest.mark.slow
 def test_compiled_under_mpiexec() -> None:
-    mpiexec = tool("mpiexec")
-    if mpiexec is None:
-        pytest.skip("mpiexec not found next to sys.executable nor on PATH")
-    pytest.importorskip("mpi4py")
-    cmd = [mpiexec, "-n", str(RANKS), "--oversubscribe",
-           sys.executable, "-m", "mpi4py", str(WORKER), "mpi"]
-    _check(run_job(cmd, TIMEOUT), "mpi")
+    _check(run_job([*mpiexec_command(RANKS), str(WORKER), "mpi"], TIMEOUT), "mpi")
 
 
 @pytest.mark.launcher
 @pytest.mark.slow
 def test_compiled_under_torchrun() -> None:
-    torchrun = tool("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not found next to sys.executable nor on PATH")
-    cmd = [torchrun, "--standalone", "--nproc_per_node", str(RANKS), str(WORKER), "torch"]
-    _check(run_job(cmd, TIMEOUT), "torch")
+    _check(run_job([*torchrun_command(RANKS), str(WORKER), "torch"], TIMEOUT), "torch")

@@ -15,7 +15,7 @@ from typing import Optional
 import pytest
 import torch
 
-from launch import Job, job_env, run_job, tool
+from launch import Job, job_env, mpiexec_command, run_job, torchrun_command
 from simulated import SimulatedCommunicator, run_ranks
 
 import syncbn
@@ -269,12 +269,7 @@ def _check_ranks(output: str, communicator: str) -> None:
 
 @pytest.mark.launcher
 def test_mpiexec_two_ranks() -> None:
-    mpiexec = tool("mpiexec")
-    if mpiexec is None:
-        pytest.skip("mpiexec not found")
-    pytest.importorskip("mpi4py")
-    job = run_job([mpiexec, "-n", "2", "--oversubscribe", sys.executable, "-m", "mpi4py",
-                   "-m", "syncbn", "--check"], TIMEOUT)
+    job = run_job([*mpiexec_command(2), "-m", "syncbn", "--check"], TIMEOUT)
     output = finished(job)
     report = parse_report(output)  # printed once: by rank 0
     assert (report["launcher"]["name"], report["launcher"]["size"]) == ("mpirun", "2")
@@ -287,15 +282,12 @@ def test_mpiexec_two_ranks() -> None:
 @pytest.mark.launcher
 @pytest.mark.parametrize("shm, communicator", [("", "shm"), ("0", "torch")])
 def test_torchrun_two_ranks(shm: str, communicator: str) -> None:
-    torchrun = tool("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not found")
+    command = [*torchrun_command(2), "-m", "syncbn", "--check"]
     env = job_env()
     env.pop("SYNCBN_SHM", None)
     if shm:
         env["SYNCBN_SHM"] = shm
-    job = run_job([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "syncbn", "--check"],
-                  TIMEOUT, env)
+    job = run_job(command, TIMEOUT, env)
     output = finished(job)
     report = parse_report(output)
     assert (report["launcher"]["name"], report["launcher"]["size"]) == ("torchrun", "2")
