@@ -14,6 +14,7 @@ import os
 import secrets
 import socket
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "ShmUnavailable",
     "group_segment",
     "host_id",
+    "shared_or_base",
     "shm_enabled",
 ]
 
@@ -119,7 +121,9 @@ class SharedMemoryCommunicator(Communicator):
 class Segment:
     """A shared-memory segment, its sequence counter and the base communicator."""
 
-    def __init__(self, base: Communicator, capacity: int, timeout: float | None) -> None:
+    def __init__(
+        self, base: Communicator, capacity: int, timeout: float | None, hosts: Sequence[float] | None = None
+    ) -> None:
         from multiprocessing import shared_memory
 
         self.base = base
@@ -131,11 +135,12 @@ class Segment:
         # Every step below ends in a collective of ``base`` that every rank
         # reaches, whatever failed where, and every decision is taken from
         # its result: the ranks use the segment together or raise together.
-        hosts = gather_values(base, [host_id()])[:, 0]
-        if not bool((hosts == hosts[0]).all()):
+        # ``hosts``: every rank's host_id(), when the caller has gathered them already
+        known = gather_values(base, [host_id()])[:, 0].tolist() if hosts is None else list(hosts)
+        if len(set(known)) != 1:
             raise ShmUnavailable(
                 "shared memory needs every rank on one host, but the ranks run on "
-                f"{len(set(hosts.tolist()))} hosts: use 'torch' or 'mpi' instead"
+                f"{len(set(known))} hosts: use 'torch' or 'mpi' instead"
             )
         nbytes = 8 * self.size * (1 + 2 * self.capacity)
         msg = torch.zeros(_NAME_LEN + 1, dtype=torch.float64)  # name, then rank 0's failure flag
@@ -215,6 +220,10 @@ class Segment:
 
 _NAME_LEN = 32
 
+SEGMENT_CAPACITY = 65536
+"""Values per rank per slot of a group's segment (:func:`group_segment`): larger
+buffers go through the group's base communicator."""
+
 
 def host_id() -> float:
     """This host's identity, hashed to an integer exact in float64.
@@ -288,23 +297,34 @@ def _forget_groups() -> None:
     _REGISTRY.clear()
 
 
-def group_segment(group: Any, base: Communicator) -> Segment:
+def group_segment(group: Any, base: Communicator, hosts: Sequence[float] | None = None) -> Segment:
     """The shared segment of ``group`` (set up over ``base`` on first use), or ShmUnavailable.
 
     Every rank of the group asks for it at the same point of its sequence of
     collectives (layers resolve their communicator in the same order), so
     every rank finds the same registration or joins the same set-up.
+    ``hosts``: every rank's :func:`host_id`, if the caller has gathered them
+    (saves the set-up's first collective).
     """
     entry = _REGISTRY.get(id(group))
     if entry is None or (entry.segment is not None and entry.segment.closed):
         try:
-            entry = _Registration(group, Segment(base, 65536, None), "")
+            entry = _Registration(group, Segment(base, SEGMENT_CAPACITY, None, hosts), "")
         except ShmUnavailable as exc:
             entry = _Registration(group, None, str(exc))
         _REGISTRY[id(group)] = entry
     if entry.segment is None:
         raise ShmUnavailable(entry.failure)
     return entry.segment
+
+
+def shared_or_base(group: Any, base: Communicator, hosts: Sequence[float] | None = None) -> Communicator:
+    """Shared memory over ``group`` (:func:`group_segment`), else ``base`` if it cannot
+    serve it: decided alike on every rank of the group."""
+    try:
+        return SharedMemoryCommunicator._over(group_segment(group, base, hosts))
+    except ShmUnavailable:
+        return base
 
 
 def default_base() -> Communicator:
