@@ -7,7 +7,7 @@ combines them across processes.
 
 from ._build_info import build_info
 from ._version import __version__ as __version__
-from .comm import Communicator, get_communicator
+from .comm import Communicator, get_communicator, new_groups
 from .convert import convert_sync_batchnorm, revert_sync_batchnorm
 from .launch import init_process_group_from_mpi
 from .module import BatchNorm, SyncBatchNorm
@@ -20,5 +20,6 @@ __all__ = [
     "convert_sync_batchnorm",
     "get_communicator",
     "init_process_group_from_mpi",
+    "new_groups",
     "revert_sync_batchnorm",
 ]

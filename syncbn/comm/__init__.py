@@ -8,7 +8,9 @@
 * :class:`~syncbn.comm.base.LocalCommunicator`, one process, a no-op.
 
 :func:`get_communicator` turns what a user passes as ``process_group`` into
-one of them. mpi4py and torch.distributed are imported only when asked for.
+one of them; :func:`~syncbn.comm.groups.new_groups` makes groups of
+consecutive ranks. mpi4py and torch.distributed are imported only when asked
+for.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Union
 
 from .base import Communicator, LocalCommunicator, gather_values
 from .distributed import TorchCommunicator
+from .groups import host_communicator, new_groups
 from .launcher import Launcher, detect_launcher
 from .mpi import MPICommunicator, is_mpi_comm
 from .shm import SharedMemoryCommunicator, ShmUnavailable, group_segment, shm_enabled
@@ -35,12 +38,13 @@ __all__ = [
     "detect_launcher",
     "gather_values",
     "get_communicator",
+    "new_groups",
 ]
 
 CommSpec = Union[None, str, Communicator, Any]
 """What ``process_group`` accepts: see :func:`get_communicator`."""
 
-_NAMES = ("None", "'auto'", "'mpi'", "'torch'", "'local'", "'shm'")
+_NAMES = ("None", "'auto'", "'mpi'", "'torch'", "'local'", "'shm'", "'host'")
 
 
 def get_communicator(spec: CommSpec = None) -> Communicator:
@@ -56,8 +60,10 @@ def get_communicator(spec: CommSpec = None) -> Communicator:
             torch.distributed on the default group (no shared memory).
             ``"mpi"``, an mpi4py communicator: MPI. ``"local"``: this process
             alone. ``"shm"``: shared memory among the ranks of ``"auto"``'s
-            group, an error if they are not on one host. A
-            :class:`Communicator`: itself.
+            group, an error if they are not on one host. ``"host"``: the
+            ranks of ``"auto"``'s group on this host, through shared memory
+            (one rank alone on its host: local). A :class:`Communicator`:
+            itself. Groups of consecutive ranks: :func:`new_groups`.
 
     Shared memory is chosen automatically only for torch.distributed groups
     of more than one rank, and not when ``$SYNCBN_SHM`` is ``0`` (set it alike
@@ -81,6 +87,9 @@ def get_communicator(spec: CommSpec = None) -> Communicator:
         if spec == "shm":
             auto = plain_auto()
             return SharedMemoryCommunicator._over(group_segment(auto.group, auto.communicator))
+        if spec == "host":
+            auto = plain_auto()
+            return host_communicator(auto.group, auto.communicator)
         raise ValueError(
             f"process_group: expected {', '.join(_NAMES)}, a torch.distributed ProcessGroup "
             f"or an mpi4py communicator (got {spec!r})"
