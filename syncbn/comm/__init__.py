@@ -5,6 +5,8 @@
   ``torch.distributed`` process group (gloo on CPU included);
 * :class:`~syncbn.comm.shm.SharedMemoryCommunicator`, ranks on one host
   summing through a shared-memory segment set up over one of the others;
+* :class:`~syncbn.comm.hierarchical.HierarchicalCommunicator`, a group
+  across hosts: shared memory on each host, one leader per host on the network;
 * :class:`~syncbn.comm.base.LocalCommunicator`, one process, a no-op.
 
 :func:`get_communicator` turns what a user passes as ``process_group`` into
@@ -21,6 +23,7 @@ from typing import Any, Union
 from .base import Communicator, LocalCommunicator, gather_values
 from .distributed import TorchCommunicator
 from .groups import host_communicator, new_groups
+from .hierarchical import HierarchicalCommunicator, over_hosts
 from .launcher import Launcher, detect_launcher
 from .mpi import MPICommunicator, is_mpi_comm
 from .shm import SharedMemoryCommunicator, ShmUnavailable, group_segment, shm_enabled
@@ -28,6 +31,7 @@ from .shm import SharedMemoryCommunicator, ShmUnavailable, group_segment, shm_en
 __all__ = [
     "CommSpec",
     "Communicator",
+    "HierarchicalCommunicator",
     "Launcher",
     "LocalCommunicator",
     "MPICommunicator",
@@ -53,11 +57,13 @@ def get_communicator(spec: CommSpec = None) -> Communicator:
     Args:
         spec: ``None`` or ``"auto"``: if torch.distributed is initialized, its
             default group, over shared memory when all its ranks are on this
-            host (else ``torch.distributed.all_reduce``); else MPI
-            ``COMM_WORLD`` if an MPI launcher started more than one rank;
-            else a single process. A ``torch.distributed.ProcessGroup``:
-            that group, over shared memory likewise. ``"torch"``: plain
-            torch.distributed on the default group (no shared memory).
+            host, in two levels when they span several hosts and some host
+            runs several of them (:class:`HierarchicalCommunicator`), else
+            ``torch.distributed.all_reduce``; else MPI ``COMM_WORLD`` if an
+            MPI launcher started more than one rank; else a single process.
+            A ``torch.distributed.ProcessGroup``: that group, likewise (two
+            levels only for a group of every rank of the job). ``"torch"``:
+            plain torch.distributed on the default group (no shared memory).
             ``"mpi"``, an mpi4py communicator: MPI. ``"local"``: this process
             alone. ``"shm"``: shared memory among the ranks of ``"auto"``'s
             group, an error if they are not on one host. ``"host"``: the
@@ -67,7 +73,8 @@ def get_communicator(spec: CommSpec = None) -> Communicator:
 
     Shared memory is chosen automatically only for torch.distributed groups
     of more than one rank, and not when ``$SYNCBN_SHM`` is ``0`` (set it alike
-    on every rank). All layers on one group share one segment.
+    on every rank). All layers on one group share its set-up: one segment per
+    host, one leaders' group.
     """
     if isinstance(spec, Communicator):
         return spec
@@ -75,7 +82,7 @@ def get_communicator(spec: CommSpec = None) -> Communicator:
         backend = auto_backend(_torch_world_size(), detect_launcher(), shm_enabled())
         auto = _auto_group(backend)
         if backend == "shm":
-            return _shm_or_base(auto.group, auto.communicator)
+            return over_hosts(auto.group, auto.communicator)
         return auto.communicator
     if isinstance(spec, str):
         if spec == "local":
@@ -99,7 +106,8 @@ def get_communicator(spec: CommSpec = None) -> Communicator:
     import torch.distributed as dist
 
     if dist.is_available() and isinstance(spec, dist.ProcessGroup):
-        return _shm_or_torch(spec, TorchCommunicator(spec))
+        base = TorchCommunicator(spec)
+        return over_hosts(spec, base) if _shm_first(base.size, shm_enabled()) else base
     raise TypeError(
         f"process_group: expected {', '.join(_NAMES)}, a torch.distributed ProcessGroup, "
         f"an mpi4py communicator or a syncbn.comm.Communicator (got {type(spec).__name__})"
@@ -131,9 +139,11 @@ def auto_backend(torch_world_size: int | None, launcher: Launcher, shm: bool) ->
         shm: whether shared memory may be chosen (:func:`~syncbn.comm.shm.shm_enabled`).
 
     Returns:
-        ``"shm"``: shared memory over torch.distributed's default group (its
-        set-up falls back to ``"torch"``, on every rank alike, when the ranks
-        are not all on one host or the segment cannot be made); ``"torch"``;
+        ``"shm"``: shared memory over torch.distributed's default group: on
+        one host, shared memory alone; across hosts, two levels (shared
+        memory on each host, one leader per host on the network); its set-up
+        falls back to ``"torch"``, on every rank alike, when no host runs two
+        ranks or a segment cannot be made (:func:`~syncbn.comm.hierarchical.over_hosts`); ``"torch"``;
         ``"mpi"``: ``COMM_WORLD``, only when an MPI launcher started more than
         one rank (so a single process never imports mpi4py, which initializes
         MPI); else ``"local"``.
@@ -176,16 +186,3 @@ def _torch_world_size() -> int | None:
 def _shm_first(size: int, shm: bool) -> bool:
     """Whether a torch.distributed group of ``size`` ranks tries shared memory first."""
     return size > 1 and shm
-
-
-def _shm_or_base(group: Any, base: Communicator) -> Communicator:
-    """Shared memory over ``group``, else ``base`` if it cannot serve it (decided alike on every rank)."""
-    try:
-        return SharedMemoryCommunicator._over(group_segment(group, base))
-    except ShmUnavailable:
-        return base
-
-
-def _shm_or_torch(group: Any, base: TorchCommunicator) -> Communicator:
-    """Shared memory over a torch.distributed ``group`` if it is wanted and can serve it, else ``base``."""
-    return _shm_or_base(group, base) if _shm_first(base.size, shm_enabled()) else base
