@@ -139,8 +139,10 @@ def describe_backend(backend: str, size: int, ranks_here: int | None, shm: bool)
     if backend == "shm":
         where = "" if ranks_here is None else f"; the launcher put {ranks_here} of {size} ranks on this host"
         return (
-            f"shm: shared memory, if all {size} ranks share a host, else torch "
-            f"(decided alike on every rank at the first allreduce){where}"
+            f"shm: shared memory if all {size} ranks share a host; across hosts, shared memory on "
+            "each host and one allreduce among one leader per host (two levels) when some host "
+            "runs several ranks; else torch (decided alike on every rank at the first "
+            f"allreduce){where}"
         )
     if backend == "torch":
         why = " (SYNCBN_SHM turns shared memory off)" if size > 1 and not shm else ""
