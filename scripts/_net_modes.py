@@ -12,6 +12,13 @@ in the backward through syncbn's default communicator. That is the waiting
 any synchronized batch norm must do (every rank meets the others twice per
 layer per step), with no statistics computed or exchanged, so a synchronized
 layer is read against it rather than against zero.
+
+``syncbn fused`` is ``syncbn`` converted with ``fuse=True``: the activation
+(and residual add) after a batch norm runs inside the layer. The networks
+use functional relu/relu6 and trace with torch.fx, so it is a
+``torch.fx.GraphModule``; :data:`EXPECTED_FUSED` says how many of each
+network's batch norms fuse (all but the shortcut projections' in the
+ResNets, all but the linear projections' in MobileNetV2).
 """
 from __future__ import annotations
 
@@ -25,8 +32,8 @@ from _bench_worker import _fairscale_sync_bn  # also puts a source checkout of s
 import syncbn
 from syncbn import Communicator
 
-__all__ = ["MODES", "LockstepBatchNorm2d", "Mode", "add_lockstep_floor", "build_contenders", "fairscale_sync_bn",
-           "replace_batchnorms"]
+__all__ = ["EXPECTED_FUSED", "MODES", "LockstepBatchNorm2d", "Mode", "add_lockstep_floor", "build_contenders",
+           "count_fused", "fairscale_sync_bn", "replace_batchnorms", "syncbn_fused"]
 
 
 class _Lockstep(torch.autograd.Function):
@@ -99,6 +106,23 @@ def _unchanged(model: nn.Module) -> nn.Module:
     return model
 
 
+def syncbn_fused(model: nn.Module) -> nn.Module:
+    """The ``syncbn fused`` contender: syncbn.convert_sync_batchnorm(model, fuse=True)."""
+    return syncbn.convert_sync_batchnorm(model, fuse=True)
+
+
+def count_fused(model: nn.Module) -> int:
+    """Batch-norm layers of ``model`` that apply an activation themselves."""
+    return sum(isinstance(m, syncbn.SyncBatchNorm) and m.activation is not None for m in model.modules())
+
+
+# network -> batch norms that fuse: ResNet-20 9 blocks x 2 + the stem (not the 2
+# shortcut projections); ResNet-18 8 x 2 + the stem (not the 3 projections);
+# MobileNetV2 the stem, the last layer and every expansion and depthwise layer
+# (16 x 2 + 1), not the 17 linear projections (their residual has no activation)
+EXPECTED_FUSED = {"resnet20": 19, "mobilenet_v2": 35, "resnet18": 17}
+
+
 # Every rank builds the contenders in this order (building one may be a
 # collective: syncbn's default communicator sets up shared memory).
 MODES: dict[str, Mode] = {
@@ -106,6 +130,7 @@ MODES: dict[str, Mode] = {
     "torch (A/A)": Mode(_unchanged, "the same, a second copy: the A/A control"),
     "floor": Mode(add_lockstep_floor, "torch BN + one 1-value allreduce per BN layer per pass"),
     "syncbn": Mode(syncbn.convert_sync_batchnorm, "syncbn.convert_sync_batchnorm, default communicator"),
+    "syncbn fused": Mode(syncbn_fused, "the same with fuse=True: activation and residual add inside the layer"),
     "fairscale": Mode(fairscale_sync_bn, "fairscale.experimental.nn.SyncBatchNorm"),
 }
 

@@ -38,7 +38,7 @@ except ModuleNotFoundError:  # a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import syncbn
 
-from _net_modes import MODES, build_contenders
+from _net_modes import EXPECTED_FUSED, MODES, build_contenders, count_fused
 from networks import NETWORKS
 
 LEARNING_RATE = 0.01
@@ -124,6 +124,11 @@ def time_network(network: str, modes: Sequence[str], batch: Optional[int], chann
     models: dict[str, nn.Module] = {m: model for m, model in built.items() if model is not None}
     if skipped:
         say(f"{network}: skipped (not installed): {', '.join(skipped)}")
+    fused = {m: count_fused(model) for m, model in models.items() if m == "syncbn fused"}
+    for m, n in fused.items():
+        expected = EXPECTED_FUSED.get(network)
+        say(f"{network}: {m}: {n} of {spec.batchnorms} batch norms fused"
+            + ("" if n == expected else f", EXPECTED {expected}"))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(1000 + group.rank)  # each rank its own shard
     x = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=gen).contiguous(
@@ -169,6 +174,8 @@ def time_network(network: str, modes: Sequence[str], batch: Optional[int], chann
         entry = {"median_s": median, "samples_s": s, "images_per_s": batch * group.size / median}
         if name in calls:
             entry["collectives_per_step"] = (calls[name] - calls_before.get(name, 0)) / (warmup + rounds)
+        if name in fused:
+            entry["fused_batchnorms"] = fused[name]
         out["contenders"][name] = entry
     for name in skipped:
         out["contenders"][name] = None

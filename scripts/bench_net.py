@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Whole training steps of real networks: syncbn against torch BN, the lockstep floor and fairscale.
+"""Whole training steps of real networks: syncbn, plain and fused, against torch BN, the floor and fairscale.
 
     python scripts/bench_net.py                                  # every setting, about 10 min on 2 cores
     python scripts/bench_net.py --settings local,torchrun2,mpirun2
@@ -14,7 +14,9 @@ batches per process, in one process and in 2 or 4 processes under
 start from the same weights and are interleaved in rounds, after warm-up;
 a step's time is the slowest rank's; the figure is the median over rounds.
 ``torch (A/A)`` is a second copy of ``torch``: if the two differ by more
-than 3 %, the run says it is too noisy to judge.
+than 3 %, the run says it is too noisy to judge. ``syncbn fused`` is syncbn
+converted with ``fuse=True`` (activation and residual add inside the
+layer); each run says how many batch norms fused.
 
 Every setting runs in a fresh subprocess (``_net_worker.py``) with glibc's
 default allocator: ``MALLOC_*`` variables are removed from its environment
@@ -54,6 +56,8 @@ RATIOS: dict[str, tuple[str, str]] = {
     "syncbn/torch": ("syncbn", "torch"),
     "floor/torch": ("floor", "torch"),
     "syncbn/floor": ("syncbn", "floor"),
+    "fused/torch": ("syncbn fused", "torch"),
+    "fused/floor": ("syncbn fused", "floor"),
     "fairscale/syncbn": ("fairscale", "syncbn"),
     "A/A": ("torch (A/A)", "torch"),
 }
@@ -246,13 +250,22 @@ def render(doc: dict[str, Any]) -> str:
            "Step: zero_grad, forward, cross-entropy, backward, SGD step; DDP (gloo) with more than one "
            "process. Median over rounds of the slowest rank's step; contenders interleaved. "
            "Ratios of medians (< 1: the first is faster). floor = torch BN + one 1-value allreduce "
-           "per BN layer per pass through syncbn's default communicator.", ""]
+           "per BN layer per pass through syncbn's default communicator. fused = syncbn fused: "
+           "convert_sync_batchnorm(fuse=True), the activation and residual add inside the layer.", ""]
     for name, res in settings.items():
         state = res.get("status")
         how = f"`{res['command']}`" if "command" in res else ""
         extra = (f", clock: {res['clock']}, syncbn's default communicator: {res['communicator']}"
                  if state == "ok" else f" ({state})")
         out.append(f"- {name}: {how}{extra}")
+    fused: dict[str, str] = {}
+    for res in settings.values():
+        for net_name, net in res.get("networks", {}).items():
+            entry = net["contenders"].get("syncbn fused")
+            if entry and "fused_batchnorms" in entry:
+                fused[net_name] = f"{net_name} {entry['fused_batchnorms']} of {net['batchnorms']}"
+    if fused:
+        out.append(f"- batch norms fused in syncbn fused: {', '.join(fused.values())}")
     out.append("")
     rows = []
     modes = list(MODES)

@@ -13,7 +13,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import syncbn  # noqa: E402
-from _net_modes import MODES, add_lockstep_floor, build_contenders  # noqa: E402
+from _net_modes import EXPECTED_FUSED, MODES, add_lockstep_floor, build_contenders, count_fused  # noqa: E402
 from _net_worker import train_step  # noqa: E402
 from networks import NETWORKS, count_batchnorms  # noqa: E402
 
@@ -62,6 +62,21 @@ def test_contenders_start_from_the_same_weights() -> None:
     assert built["torch"].fc.weight is not built["torch (A/A)"].fc.weight
 
 
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_fused_contender_fuses_the_expected_batchnorms(name: str) -> None:
+    spec = NETWORKS[name]
+    torch.manual_seed(0)
+    base = spec.build(spec.num_classes)
+    built = build_contenders(base, ["torch", "syncbn fused"])
+    fused = built["syncbn fused"]
+    assert isinstance(fused, torch.fx.GraphModule)  # the networks trace: residual adds fuse too
+    assert count_fused(fused) == EXPECTED_FUSED[name]
+    assert count_fused(build_contenders(base, ["syncbn"])["syncbn"]) == 0
+    assert list(fused.state_dict()) == list(base.state_dict())
+    x = torch.randn(2, 3, spec.image_size, spec.image_size)
+    torch.testing.assert_close(fused(x), built["torch"](x), atol=1e-4, rtol=1e-4)
+
+
 def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([sys.executable, str(BENCH_NET), *args], capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -86,17 +101,22 @@ def test_quick_run_writes_every_contender_ratio_and_chart(tmp_path: Path) -> Non
         assert ran == expected, name
         for entry in (net["contenders"][m] for m in ran):
             assert entry["median_s"] > 0 and len(entry["samples_s"]) == 1
-        assert set(net["ratios"]) == {"syncbn/torch", "floor/torch", "syncbn/floor", "fairscale/syncbn", "A/A"}
+        assert set(net["ratios"]) == {"syncbn/torch", "floor/torch", "syncbn/floor", "fused/torch", "fused/floor",
+                                      "fairscale/syncbn", "A/A"}
         assert net["ratios"]["A/A"] > 0 and isinstance(net["too_noisy"], bool)
         # the floor met the other ranks twice per batch norm per step, and so
         # did syncbn, but for the one process alone, which has no one to meet
         assert net["contenders"]["floor"]["collectives_per_step"] == 2 * 21
         expected_syncbn = 0 if name == "local" else 2 * 21
         assert net["contenders"]["syncbn"]["collectives_per_step"] == expected_syncbn
+        assert net["contenders"]["syncbn fused"]["collectives_per_step"] == expected_syncbn
+        assert net["contenders"]["syncbn fused"]["fused_batchnorms"] == 19
     assert res["clock"].startswith("wall")
     assert doc["settings"]["local"]["clock"].startswith("thread CPU")
     assert {t["verdict"] for t in doc["targets"]} <= {"PASS", "MISS", "n/a"}
     assert "A/A local resnet20" in proc.stdout and "## Targets" in proc.stdout
+    assert "batch norms fused in syncbn fused: resnet20 19 of 21" in proc.stdout
+    assert "resnet20: syncbn fused: 19 of 21 batch norms fused" in proc.stderr
 
 
 def test_layers_mode_reports_forward_and_backward(tmp_path: Path) -> None:
