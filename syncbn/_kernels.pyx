@@ -1139,19 +1139,15 @@ def finish_stats(
 
 # (index division as in "the work split"; IEEE float division as in finish_stats)
 @cython.cdivision(True)
-cdef void _local_forward_channel(
+cdef inline void _channel_stats(
     const floating[:, ::1] x,   # IN  runs (N * C, L)
-    floating[:, ::1] out,       # OUT like x
     Py_ssize_t N,               # IN
     Py_ssize_t c,               # IN  channel
     double eps,                 # IN
-    double weight,              # IN  of channel c
-    double bias,                # IN  of channel c
-    double* stats,              # OUT (3, C): mean, invstd, biased variance
+    double* stats,              # OUT (3, C): mean, invstd, biased variance (column c)
 ) noexcept nogil:
     cdef Py_ssize_t C = x.shape[0] // N, L = x.shape[1], n
-    cdef double count = <double>(N * L), p, s1, s2, d, v, mean, invstd, a, k
-    cdef floating m
+    cdef double count = <double>(N * L), p, s1, s2, d, v
     cdef int attempt
     # sums around a pivot inside the data (the channel's first value), then,
     # if it was far from the mean, once more around the mean (see local_stats)
@@ -1169,13 +1165,30 @@ cdef void _local_forward_channel(
         if not (isfinite(d) and d * d > _REFINE * v):
             break
         p = p + d
-    mean = p + d
-    invstd = 1.0 / sqrt(v + eps)
-    stats[c] = mean
-    stats[C + c] = invstd
+    stats[c] = p + d
+    stats[C + c] = 1.0 / sqrt(v + eps)
     stats[2 * C + c] = v
+
+
+# (index division as in "the work split")
+@cython.cdivision(True)
+cdef void _local_forward_channel(
+    const floating[:, ::1] x,   # IN  runs (N * C, L)
+    floating[:, ::1] out,       # OUT like x
+    Py_ssize_t N,               # IN
+    Py_ssize_t c,               # IN  channel
+    double eps,                 # IN
+    double weight,              # IN  of channel c
+    double bias,                # IN  of channel c
+    double* stats,              # OUT (3, C): mean, invstd, biased variance
+) noexcept nogil:
+    cdef Py_ssize_t C = x.shape[0] // N, L = x.shape[1], n
+    cdef double mean, a, k
+    cdef floating m
+    _channel_stats(x, N, c, eps, stats)
     # the normalization in the dtype of the data, centred (see _float_coefs)
-    a = invstd * weight
+    mean = stats[c]
+    a = stats[C + c] * weight
     m = <floating>mean
     k = bias + (<double>m - mean) * a
     for n in range(N):
@@ -1183,6 +1196,33 @@ cdef void _local_forward_channel(
 
 
 # (index division as in "the work split"; IEEE float division as in finish_stats)
+@cython.cdivision(True)
+cdef inline void _channel_input_grad(
+    const floating[:, ::1] dy,  # IN  runs (N * C, L)
+    const floating[:, ::1] x,   # IN  like dy
+    floating[:, ::1] out,       # OUT like dy (may be dy or x)
+    Py_ssize_t N,               # IN
+    Py_ssize_t c,               # IN  channel
+    double mean,                # IN  of channel c
+    double invstd,              # IN  of channel c
+    double weight,              # IN  of channel c
+    double s1,                  # IN  sum(dy) over channel c
+    double s2,                  # IN  sum(dy * (x - mean)) over channel c
+) noexcept nogil:
+    cdef Py_ssize_t C = dy.shape[0] // N, L = dy.shape[1], n
+    cdef double count = <double>(N * L), a, b, k
+    cdef floating m
+    # out = dy * a + ((x - mean) * b + k), centred as in backward_input
+    a = invstd * weight
+    b = -a * invstd * invstd * (s2 / count)
+    k = -a * (s1 / count)
+    m = <floating>mean
+    k = k + (<double>m - mean) * b
+    for n in range(N):
+        _affine_run(dy, x, out, n * C + c, 0, L, m, <floating>a, <floating>b, <floating>k, True)
+
+
+# (index division as in "the work split")
 @cython.cdivision(True)
 cdef void _local_backward_channel(
     const floating[:, ::1] dy,  # IN  runs (N * C, L)
@@ -1197,22 +1237,13 @@ cdef void _local_backward_channel(
     double* sums,               # OUT (2C,): [sum(dy), sum(dy * (x - mean))]
 ) noexcept nogil:
     cdef Py_ssize_t C = dy.shape[0] // N, L = dy.shape[1], n
-    cdef double count = <double>(N * L), s1 = 0.0, s2 = 0.0, a, b, k
-    cdef floating m
+    cdef double s1 = 0.0, s2 = 0.0
     for n in range(N):
         _run_sums(dy, x, n * C + c, 0, L, mean, True, &s1, &s2)
     sums[c] = s1
     sums[C + c] = s2
-    if not grad_input:
-        return
-    # out = dy * a + ((x - mean) * b + k), centred as in backward_input
-    a = invstd * weight
-    b = -a * invstd * invstd * (s2 / count)
-    k = -a * (s1 / count)
-    m = <floating>mean
-    k = k + (<double>m - mean) * b
-    for n in range(N):
-        _affine_run(dy, x, out, n * C + c, 0, L, m, <floating>a, <floating>b, <floating>k, True)
+    if grad_input:
+        _channel_input_grad(dy, x, out, N, c, mean, invstd, weight, s1, s2)
 
 
 cdef void _local_forward_channels(
