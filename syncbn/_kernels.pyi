@@ -10,6 +10,16 @@ TypeError for a wrong type or dtype, a vector or stats array with the wrong
 number of dimensions, or a counter of other than one element; ValueError for
 any other wrong shape, length, layout, a read-only output or a count out of
 range; each saying "expected X (got Y)".
+
+Fused activation and residual: normalize and local_forward take keyword-only
+``residual``, ``activation`` (an ACT_* code), ``negative_slope`` and
+``preact``: ``z = (x - mean) * invstd * weight + bias [+ residual]``,
+``out = activation(z)``, z written to preact if given. backward_reduce and
+local_backward take ``activation``, ``negative_slope``, ``saved`` (y, or z
+when activation_uses_output is False) and ``grad_preact``, where they write
+``dz = dy * activation'(.)``; their sums and parameter gradients are then over
+dz, and backward_input takes dz as its dy. Activations and their backward
+follow torch's formulas (NaN stays NaN).
 """
 
 import numpy as np
@@ -23,6 +33,24 @@ _Param: TypeAlias = npt.NDArray[np.floating]  # float32 or float64
 def openmp_enabled() -> bool: ...
 def max_threads() -> int: ...
 def cython_checks_enabled() -> bool: ...
+
+ACT_NONE: int
+"""No activation: out = z."""
+ACT_RELU: int
+"""max(z, 0)."""
+ACT_RELU6: int
+"""min(max(z, 0), 6)."""
+ACT_LEAKY_RELU: int
+"""z if z > 0 else z * negative_slope."""
+ACT_SILU: int
+"""z / (1 + exp(-z))."""
+
+def activation_uses_output(activation: int, negative_slope: float) -> bool:
+    """True when the activation's backward can take its output y as saved (none,
+    relu, relu6, leaky_relu with negative_slope >= 0); False (silu, leaky_relu
+    with a negative slope) when it needs z: pass preact to the forward and z as
+    saved. ValueError for an unknown code."""
+
 def local_stats(x: _Data, shift: _Vec, out: _Vec, num_threads: int = 0) -> None:
     """out[:C] = sum(x - shift), out[C:2C] = sum((x - shift)**2), out[2C] = count.
 
@@ -39,8 +67,14 @@ def normalize(
     bias: _Param | None,
     out: _Data,
     num_threads: int = 0,
+    *,
+    residual: _Data | None = None,
+    activation: int = 0,
+    negative_slope: float = 0.01,
+    preact: _Data | None = None,
 ) -> None:
-    """out = (x - mean) * invstd * weight + bias; out may be x.
+    """out = activation(z), z = (x - mean) * invstd * weight + bias [+ residual];
+    z also written to preact if given (not out). out may be x or residual.
 
     Arithmetic in the dtype of x, centred on mean rounded to it (the rounding
     corrected in float64), so a large |mean| costs no accuracy.
@@ -55,9 +89,19 @@ def backward_reduce(
     invstd: _Vec | None = None,
     grad_weight: _Param | None = None,
     grad_bias: _Param | None = None,
+    *,
+    activation: int = 0,
+    negative_slope: float = 0.01,
+    saved: _Data | None = None,
+    grad_preact: _Data | None = None,
 ) -> None:
-    """out[:C] = sum(dy), out[C:2C] = sum(dy * (x - mean)); and, if given,
-    grad_weight = out[C:2C] * invstd, grad_bias = out[:C] (invstd required with grad_weight)."""
+    """out[:C] = sum(dz), out[C:2C] = sum(dz * (x - mean)); and, if given,
+    grad_weight = out[C:2C] * invstd, grad_bias = out[:C] (invstd required with grad_weight).
+
+    dz = dy with ACT_NONE (saved and grad_preact must then be None); with an
+    activation, dz = dy * activation'(saved), written to grad_preact (both
+    required; grad_preact may be dy or saved, not x).
+    """
 
 def backward_input(
     dy: _Data,
@@ -118,10 +162,16 @@ def local_forward(
     factor: float | None = 0.0,
     num_batches_tracked: npt.NDArray[np.int64] | None = None,
     num_threads: int = 0,
+    *,
+    residual: _Data | None = None,
+    activation: int = 0,
+    negative_slope: float = 0.01,
+    preact: _Data | None = None,
 ) -> None:
     """A group of one process: statistics and normalization in one call,
     channel by channel (channels-first (N, C, L) only; at least 2 values per
-    channel). Writes what local_stats + finish_stats + normalize write."""
+    channel). Writes what local_stats + finish_stats + normalize write
+    (residual, activation and preact as in normalize)."""
 
 def local_backward(
     dy: _Data,
@@ -133,10 +183,17 @@ def local_backward(
     grad_weight: _Param | None = None,
     grad_bias: _Param | None = None,
     num_threads: int = 0,
+    *,
+    activation: int = 0,
+    negative_slope: float = 0.01,
+    saved: _Data | None = None,
+    grad_preact: _Data | None = None,
 ) -> None:
     """A group of one process: backward_reduce's parameter gradients and (with
     out) backward_input's input gradient in one call, channel by channel
-    (channels-first (N, C, L) only)."""
+    (channels-first (N, C, L) only). activation, saved and grad_preact as in
+    backward_reduce; the input gradient is then computed from dz, and out may
+    be grad_preact itself."""
 
 def build_flags() -> str:
     """The compiler flags setup.py passed for this extension (compiled into it)."""

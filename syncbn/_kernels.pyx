@@ -50,12 +50,27 @@ Vectorization. The reduction loops vectorize only when the compiler may
 reorder their float64 sums: setup.py passes -fassociative-math and its
 companions (see there why that is safe here). Check with SYNCBN_VEC_REPORT=1;
 scripts/bench_kernels.py measures them.
+
+Fused activation and residual. normalize and local_forward can add a
+residual after the affine transform and apply an activation (ACT_*) in the
+same pass: ``z = (x - mean) * invstd * weight + bias [+ residual]``,
+``out = activation(z)``, and z written to ``preact`` when the backward needs
+it (activation_uses_output). backward_reduce and local_backward then take
+dy, the gradient of the output, and the saved output (or z): they write
+``dz = dy * activation'(.)`` to ``grad_preact`` (which is also the residual's
+gradient) and reduce over dz; backward_input takes dz as its dy. Each
+activation has loops of its own (it is a type, activation_kind, so the
+choice is made once per pass, outside the loops), and without a residual or
+an activation the kernels run the loops they ran before these existed. With
+a residual, z is a sum of three terms whose order -fassociative-math leaves
+to the compiler: float32 z is within a few ulps of those terms, and where a
+pass is compiled twice (one thread, several) the two may round differently.
 """
 
 cimport cython
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport INFINITY, isfinite, sqrt
+from libc.math cimport INFINITY, exp, expf, isfinite, sqrt
 from libc.stdint cimport int64_t
 
 import numpy as np
@@ -295,6 +310,92 @@ cdef object _rows(cnp.ndarray x):
             x, (cnp.PyArray_DIM(x, 0) * cnp.PyArray_DIM(x, 1), cnp.PyArray_DIM(x, 2)))
     return x
 
+
+# ---------------------------------------------------------------------------
+# the activations of the fused passes: codes and checks
+# ---------------------------------------------------------------------------
+
+cdef enum:
+    _ACT_NONE = 0
+    _ACT_RELU = 1
+    _ACT_RELU6 = 2
+    _ACT_LEAKY_RELU = 3
+    _ACT_SILU = 4
+    _ACT_COUNT = 5
+
+ACT_NONE = _ACT_NONE
+ACT_RELU = _ACT_RELU
+ACT_RELU6 = _ACT_RELU6
+ACT_LEAKY_RELU = _ACT_LEAKY_RELU
+ACT_SILU = _ACT_SILU
+
+
+cdef int _check_activation(int activation) except -1:
+    if activation < 0 or activation >= _ACT_COUNT:
+        raise ValueError(
+            f"activation: expected one of ACT_NONE (0), ACT_RELU (1), ACT_RELU6 (2), "
+            f"ACT_LEAKY_RELU (3), ACT_SILU (4) (got {activation})")
+    return 0
+
+
+def activation_uses_output(int activation, double negative_slope) -> bool:
+    """Whether the backward of ``activation`` takes its output y as the saved
+    values: True for ACT_NONE, ACT_RELU, ACT_RELU6 and ACT_LEAKY_RELU with
+    ``negative_slope >= 0``, whose derivative y alone determines. False for
+    ACT_SILU and ACT_LEAKY_RELU with a negative (or NaN) slope, where the sign
+    of y does not tell the sign of z: the forward must then write z to
+    ``preact`` and the backward take z as ``saved``. ValueError for an unknown
+    code.
+    """
+    _check_activation(activation)
+    if activation == _ACT_SILU:
+        return False
+    if activation == _ACT_LEAKY_RELU:
+        return negative_slope >= 0.0
+    return True
+
+
+cdef bint _same_start(object a, object b):
+    """Whether two checked, non-empty arrays start at the same address."""
+    return (cnp.PyArray_SIZE(<cnp.ndarray>a) > 0
+            and cnp.PyArray_DATA(<cnp.ndarray>a) == cnp.PyArray_DATA(<cnp.ndarray>b))
+
+
+cdef int _check_fused_forward(cnp.ndarray x, object out, object residual, int activation,
+                              object preact) except -1:
+    """Check the residual, activation and preact of normalize and local_forward."""
+    _check_activation(activation)
+    if residual is not None:
+        _check_same("residual", residual, "x", x)
+    if preact is not None:
+        if activation == _ACT_NONE:
+            raise ValueError(f"preact: expected None with ACT_NONE, where z is the output "
+                             f"(got {_describe(preact)})")
+        _check_same("preact", preact, "x", x, True)
+        if _same_start(preact, out):
+            raise ValueError("preact: expected an array apart from out (got out itself)")
+    return 0
+
+
+cdef int _check_fused_backward(cnp.ndarray dy, object x, int activation, object saved,
+                               object grad_preact) except -1:
+    """Check the activation, saved and grad_preact of backward_reduce and local_backward."""
+    _check_activation(activation)
+    if activation == _ACT_NONE:
+        for name, v in (("saved", saved), ("grad_preact", grad_preact)):
+            if v is not None:
+                raise ValueError(f"{name}: expected None with ACT_NONE, where dz is dy "
+                                 f"(got {_describe(v)})")
+        return 0
+    for name, v, writeable in (("saved", saved, False), ("grad_preact", grad_preact, True)):
+        if v is None:
+            raise ValueError(f"{name}: expected an array like dy with an activation (got None)")
+        _check_same(name, v, "dy", dy, writeable)
+    if _same_start(grad_preact, x):
+        raise ValueError("grad_preact: expected an array apart from x, which the pass "
+                         "reads after writing dz (got x itself)")
+    return 0
+
 # ---------------------------------------------------------------------------
 # inner loops
 # ---------------------------------------------------------------------------
@@ -468,6 +569,262 @@ cdef void _affine_rows(
             for c in range(C):
                 out[m, c] = ((x[m, c] - coef[COEF_MEAN, c]) * coef[COEF_SCALE, c]
                              + coef[COEF_OFFSET, c])
+
+
+# ---------------------------------------------------------------------------
+# inner loops of the fused activation and residual
+#
+# An activation is a type here, not a code: each function over activation_kind
+# is compiled once per activation (and dtype), its `if activation_kind is ...`
+# branches resolved at compile time, so every inner loop below is one plain
+# loop that the compiler vectorizes (silu's calls to exp aside). A pass with
+# neither a residual nor an activation never comes here: it runs the loops
+# above, as it did before these existed.
+# ---------------------------------------------------------------------------
+
+cdef struct NoActivation:   # (a residual without an activation)
+    char unused
+cdef struct Relu:
+    char unused
+cdef struct Relu6:
+    char unused
+cdef struct LeakyRelu:
+    char unused
+cdef struct Silu:
+    char unused
+
+ctypedef fused activation_kind:
+    NoActivation
+    Relu
+    Relu6
+    LeakyRelu
+    Silu
+
+# a value of each type, to pass (never read)
+cdef NoActivation _NO_ACTIVATION
+cdef Relu _RELU
+cdef Relu6 _RELU6
+cdef LeakyRelu _LEAKY_RELU
+cdef Silu _SILU
+
+
+# (IEEE float division in both builds, as in finish_stats)
+@cython.cdivision(True)
+cdef inline floating _act(
+    activation_kind kind,       # IN  the activation
+    floating z,                 # IN
+    floating slope,             # IN  leaky_relu's negative slope
+) noexcept nogil:
+    """activation(z) as torch computes it: relu and relu6 clamp (NaN stays
+    NaN), leaky_relu ``z > 0 ? z : z * slope``, silu ``z / (1 + exp(-z))``."""
+    if activation_kind is Relu:
+        return 0 if z < 0 else z
+    elif activation_kind is Relu6:
+        return 0 if z < 0 else (6 if z > 6 else z)
+    elif activation_kind is LeakyRelu:
+        return z if z > 0 else z * slope
+    elif activation_kind is Silu:
+        if floating is float:
+            return z / (1 + expf(-z))
+        else:
+            return z / (1 + exp(-z))
+    else:
+        return z
+
+
+@cython.cdivision(True)    # (as _act)
+cdef inline floating _dact(
+    activation_kind kind,       # IN  the activation
+    floating g,                 # IN  dy, the gradient of its output
+    floating s,                 # IN  the saved value: y, or z (see activation_uses_output)
+    floating slope,             # IN  leaky_relu's negative slope
+) noexcept nogil:
+    """dz = dy * activation'(.), with torch's backward formulas (relu:
+    threshold_backward on y; relu6: hardtanh_backward, the same on y as on z;
+    leaky_relu: leaky_relu_backward; silu: silu_backward on z).
+
+    At s = NaN relu6 passes dy, as hardtanh_backward's formula (and its
+    decomposition, which torch.compile runs) says; torch's eager CPU kernel
+    does so only in its scalar loop, its vector loop gives 0."""
+    cdef floating sig
+    if activation_kind is Relu:
+        return 0 if s <= 0 else g
+    elif activation_kind is Relu6:
+        return 0 if (s <= 0) | (s >= 6) else g
+    elif activation_kind is LeakyRelu:
+        return g if s > 0 else g * slope
+    elif activation_kind is Silu:
+        if floating is float:
+            sig = 1 / (1 + expf(-s))
+        else:
+            sig = 1 / (1 + exp(-s))
+        return g * sig * (1 + s * (1 - sig))
+    else:
+        return g
+
+
+cdef inline void _act_affine_run(
+    activation_kind kind,       # IN  the activation
+    const floating[:, ::1] x,   # IN  runs
+    const floating[:, ::1] res, # IN  like x: the residual (read only when has_res)
+    floating[:, ::1] out,       # OUT like x (may be x or res): activation(z)
+    floating[:, ::1] pre,       # OUT like x, not out: z (written only when has_pre)
+    Py_ssize_t r,               # IN  run
+    Py_ssize_t start,           # IN
+    Py_ssize_t stop,            # IN
+    floating m,                 # IN  centre
+    floating a,                 # IN  coefficient
+    floating k,                 # IN  constant
+    floating slope,             # IN  leaky_relu's negative slope
+    bint has_res,               # IN  z = (x - m) * a + k + res, else (x - m) * a + k
+    bint has_pre,               # IN  write z to pre
+) noexcept nogil:
+    # as in _affine_run, each value is loaded before its results are stored
+    cdef Py_ssize_t i
+    cdef floating z
+    if has_res and has_pre:
+        for i in range(start, stop):
+            z = (x[r, i] - m) * a + k + res[r, i]
+            pre[r, i] = z
+            out[r, i] = _act(kind, z, slope)
+    elif has_res:
+        for i in range(start, stop):
+            out[r, i] = _act(kind, (x[r, i] - m) * a + k + res[r, i], slope)
+    elif has_pre:
+        for i in range(start, stop):
+            z = (x[r, i] - m) * a + k
+            pre[r, i] = z
+            out[r, i] = _act(kind, z, slope)
+    else:
+        for i in range(start, stop):
+            out[r, i] = _act(kind, (x[r, i] - m) * a + k, slope)
+
+
+cdef void _act_affine_rows(
+    activation_kind kind,       # IN  the activation
+    const floating[:, ::1] x,   # IN  (M, C) rows
+    const floating[:, ::1] res, # IN  like x (read only when has_res)
+    floating[:, ::1] out,       # OUT like x (may be x or res)
+    floating[:, ::1] pre,       # OUT like x, not out (written only when has_pre)
+    Py_ssize_t m0,              # IN  first row
+    Py_ssize_t m1,              # IN  end row
+    const floating[:, ::1] coef,  # IN  (COEF_ROWS, C) m, a, k as in _act_affine_run
+    floating slope,             # IN
+    bint has_res,               # IN  as in _act_affine_run
+    bint has_pre,               # IN
+) noexcept nogil:
+    # With pre, z goes to pre first and out is taken from pre (a row still in
+    # cache): one loop storing both, with the three coefficient rows, needs more
+    # run-time alias checks than gcc makes, and stays scalar.
+    cdef Py_ssize_t C = x.shape[1], m, c
+    for m in range(m0, m1):
+        if has_res and has_pre:
+            for c in range(C):
+                pre[m, c] = ((x[m, c] - coef[COEF_MEAN, c]) * coef[COEF_SCALE, c]
+                             + coef[COEF_OFFSET, c] + res[m, c])
+        elif has_res:
+            for c in range(C):
+                out[m, c] = _act(kind, (x[m, c] - coef[COEF_MEAN, c]) * coef[COEF_SCALE, c]
+                                 + coef[COEF_OFFSET, c] + res[m, c], slope)
+        elif has_pre:
+            for c in range(C):
+                pre[m, c] = ((x[m, c] - coef[COEF_MEAN, c]) * coef[COEF_SCALE, c]
+                             + coef[COEF_OFFSET, c])
+        else:
+            for c in range(C):
+                out[m, c] = _act(kind, (x[m, c] - coef[COEF_MEAN, c]) * coef[COEF_SCALE, c]
+                                 + coef[COEF_OFFSET, c], slope)
+        if has_pre:
+            for c in range(C):
+                out[m, c] = _act(kind, pre[m, c], slope)
+
+
+cdef inline void _act_run_sums(
+    activation_kind kind,       # IN  the activation
+    const floating[:, ::1] dy,  # IN  runs: the gradient of the output
+    const floating[:, ::1] s,   # IN  like dy: the saved output (or z)
+    const floating[:, ::1] x,   # IN  like dy
+    floating[:, ::1] gz,        # OUT like dy (may be dy or s, not x): dz
+    Py_ssize_t r,               # IN  run
+    Py_ssize_t start,           # IN
+    Py_ssize_t stop,            # IN
+    double mu,                  # IN  the mean
+    floating slope,             # IN  leaky_relu's negative slope
+    double* s1,                 # OUT += sum(dz) over [r, start:stop]
+    double* s2,                 # OUT += sum(dz * (x - mu))
+) noexcept nogil:
+    # the sums are over dz as stored, the values backward_input then reads
+    cdef double a, b
+    cdef floating g
+    cdef Py_ssize_t i, j, e
+    j = start
+    while j < stop:
+        e = min(j + BLOCK, stop)
+        a = 0.0
+        b = 0.0
+        for i in range(j, e):
+            g = _dact(kind, dy[r, i], s[r, i], slope)
+            gz[r, i] = g
+            a += <double>g
+            b += <double>g * (<double>x[r, i] - mu)
+        s1[0] += a
+        s2[0] += b
+        j = e
+
+
+cdef void _act_cols_dot(
+    activation_kind kind,       # IN  the activation
+    const floating[:, ::1] dy,  # IN  (M, C) rows
+    const floating[:, ::1] s,   # IN  like dy: the saved output (or z)
+    const floating[:, ::1] x,   # IN  like dy
+    floating[:, ::1] gz,        # OUT like dy (may be dy or s, not x): dz
+    Py_ssize_t m0,              # IN  first row
+    Py_ssize_t m1,              # IN  end row
+    const double[::1] mu,       # IN  (C,)
+    floating slope,             # IN
+    double[:, :, ::1] acc,      # OUT acc[t, SUM1] += sum(dz), acc[t, SUM2] += sum(dz * (x - mu))
+    Py_ssize_t t,               # IN  share; acc[t, BLOCK_SUM1:] are scratch
+) noexcept nogil:
+    # _cols_dot over dz = _dact(dy, s). Four rows at a time, dz is written
+    # first, a row per loop, and then read back (from cache) by the sums: one
+    # loop doing both, with four stores among its loads, needs more run-time
+    # alias checks than gcc makes, and stays scalar.
+    cdef Py_ssize_t C = x.shape[1], j, e, m, c, q
+    cdef double g, g1, g2, g3
+    cdef floating h
+    j = m0
+    while j < m1:
+        e = min(j + ROWS, m1)
+        for c in range(C):
+            acc[t, BLOCK_SUM1, c] = 0.0
+            acc[t, BLOCK_SUM2, c] = 0.0
+        m = j
+        while m + 4 <= e:
+            for q in range(m, m + 4):
+                for c in range(C):
+                    gz[q, c] = _dact(kind, dy[q, c], s[q, c], slope)
+            for c in range(C):
+                g = <double>gz[m, c]
+                g1 = <double>gz[m + 1, c]
+                g2 = <double>gz[m + 2, c]
+                g3 = <double>gz[m + 3, c]
+                acc[t, BLOCK_SUM1, c] += (g + g1) + (g2 + g3)
+                acc[t, BLOCK_SUM2, c] += ((g * (<double>x[m, c] - mu[c])
+                                           + g1 * (<double>x[m + 1, c] - mu[c]))
+                                          + (g2 * (<double>x[m + 2, c] - mu[c])
+                                             + g3 * (<double>x[m + 3, c] - mu[c])))
+            m += 4
+        while m < e:
+            for c in range(C):
+                h = _dact(kind, dy[m, c], s[m, c], slope)
+                gz[m, c] = h
+                acc[t, BLOCK_SUM1, c] += <double>h
+                acc[t, BLOCK_SUM2, c] += h * (<double>x[m, c] - mu[c])
+            m += 1
+        for c in range(C):
+            acc[t, SUM1, c] += acc[t, BLOCK_SUM1, c]
+            acc[t, SUM2, c] += acc[t, BLOCK_SUM2, c]
+        j = e
 
 
 # ---------------------------------------------------------------------------
@@ -718,6 +1075,109 @@ cdef void _sums(
             out[C + c] += acc[t, SUM2, c]
 
 
+# _act_sums_share and _act_sums are _sums_share and _sums over dz (the dot
+# form only): the same split and walk, written a second time so that the
+# plain reductions keep exactly the code they had (see _cols_dot on how
+# sensitive gcc's code for _sums_share is to what is inlined into it).
+@cython.cdivision(True)    # (see "the work split")
+cdef void _act_sums_share(
+    activation_kind kind,       # IN  the activation
+    const floating[:, ::1] dy,  # IN  runs (N * C, L) or rows (M, C)
+    const floating[:, ::1] s,   # IN  like dy: the saved output (or z)
+    const floating[:, ::1] x,   # IN  like dy
+    floating[:, ::1] gz,        # OUT like dy: dz
+    const Split* sp,            # IN
+    const double[::1] mu,       # IN  (C,) the mean
+    floating slope,             # IN  leaky_relu's negative slope
+    double[:, :, ::1] acc,      # OUT (nt, ACC_ROWS, >= C) partial sums, zeroed
+    Py_ssize_t t,               # IN  share
+) noexcept nogil:
+    cdef Py_ssize_t N = sp.N, C = sp.C, L = sp.L
+    cdef Py_ssize_t k, k1, c, n, r, m
+    cdef double a, b
+    cdef PieceWalk w
+    if L == 0:
+        _act_cols_dot(kind, dy, s, x, gz, _share(sp.units, t, sp.nt),
+                      _share(sp.units, t + 1, sp.nt), mu, slope, acc, t)
+    elif L >= STREAM_MIN_L or sp.S > 1:
+        # memory order, piece by piece
+        w = _walk(sp, t)
+        while w.k < w.end:
+            if w.start < w.stop:
+                a = 0.0
+                b = 0.0
+                _act_run_sums(kind, dy, s, x, gz, w.r, w.start, w.stop, mu[w.c], slope, &a, &b)
+                acc[t, SUM1, w.c] += a
+                acc[t, SUM2, w.c] += b
+            _next_piece(sp, &w)
+    else:
+        # channel by channel, k = c * N + n: the runs n .. n + m of channel c
+        k = _share(sp.units, t, sp.nt)
+        k1 = _share(sp.units, t + 1, sp.nt)
+        c = k // N
+        n = k % N
+        while k < k1:
+            m = min(k1 - k, N - n)
+            a = 0.0
+            b = 0.0
+            for r in range(n, n + m):
+                _act_run_sums(kind, dy, s, x, gz, r * C + c, 0, L, mu[c], slope, &a, &b)
+            acc[t, SUM1, c] += a
+            acc[t, SUM2, c] += b
+            k += m
+            n = 0
+            c += 1
+
+
+cdef void _act_sums(
+    activation_kind kind,       # IN  the activation
+    const floating[:, ::1] dy,  # IN  runs (N * C, L) or rows (M, C)
+    const floating[:, ::1] s,   # IN  like dy: the saved output (or z)
+    const floating[:, ::1] x,   # IN  like dy
+    floating[:, ::1] gz,        # OUT like dy: dz
+    const Split* sp,            # IN
+    const double[::1] mu,       # IN  (C,) the mean
+    floating slope,             # IN  leaky_relu's negative slope
+    double[:, :, ::1] acc,      # TMP (nt, ACC_ROWS, >= C) zeroed
+    double[::1] out,            # OUT (>= 2C,) out[:C], out[C:2C] += sum(dz), sum(dz * (x - mu))
+) noexcept nogil:
+    cdef Py_ssize_t C = sp.C, c, t
+    if sp.nt == 1:
+        _act_sums_share(kind, dy, s, x, gz, sp, mu, slope, acc, 0)
+    else:
+        for t in prange(sp.nt, num_threads=sp.nt, schedule='static'):
+            _act_sums_share(kind, dy, s, x, gz, sp, mu, slope, acc, t)
+    for t in range(sp.nt):
+        for c in range(C):
+            out[c] += acc[t, SUM1, c]
+            out[C + c] += acc[t, SUM2, c]
+
+
+cdef void _act_sums_any(
+    int activation,             # IN  ACT_* code, not ACT_NONE
+    const floating[:, ::1] dy,  # IN  (as in _act_sums)
+    const floating[:, ::1] s,   # IN
+    const floating[:, ::1] x,   # IN
+    floating[:, ::1] gz,        # OUT
+    const Split* sp,            # IN
+    const double[::1] mu,       # IN
+    floating slope,             # IN
+    double[:, :, ::1] acc,      # TMP
+    double[::1] out,            # OUT
+) noexcept nogil:
+    """_act_sums with the activation of a code."""
+    if activation == _ACT_RELU:
+        _act_sums(_RELU, dy, s, x, gz, sp, mu, slope, acc, out)
+    elif activation == _ACT_RELU6:
+        _act_sums(_RELU6, dy, s, x, gz, sp, mu, slope, acc, out)
+    elif activation == _ACT_LEAKY_RELU:
+        _act_sums(_LEAKY_RELU, dy, s, x, gz, sp, mu, slope, acc, out)
+    elif activation == _ACT_SILU:
+        _act_sums(_SILU, dy, s, x, gz, sp, mu, slope, acc, out)
+    else:
+        _act_sums(_NO_ACTIVATION, dy, s, x, gz, sp, mu, slope, acc, out)
+
+
 def local_stats(
     x,                      # IN  (N, C, L) or (M, C), float32/float64, C-contiguous
     shift,                  # IN  (C,) float64: common shift, the same on every rank
@@ -791,20 +1251,34 @@ def backward_reduce(
     dy,                     # IN  (N, C, L) or (M, C) gradient of the output
     x,                      # IN  like dy: the forward input
     mean,                   # IN  (C,) float64
-    out,                    # OUT (2C,) float64: [sum(dy), sum(dy * (x - mean))]
+    out,                    # OUT (2C,) float64: [sum(dz), sum(dz * (x - mean))], dz = dy unless activation
     int num_threads=0,
     invstd=None,            # IN  (C,) float64; needed with grad_weight
-    grad_weight=None,       # OUT (C,) float32/float64 or None: sum(dy * (x - mean)) * invstd
-    grad_bias=None,         # OUT (C,) float32/float64 or None: sum(dy)
+    grad_weight=None,       # OUT (C,) float32/float64 or None: sum(dz * (x - mean)) * invstd
+    grad_bias=None,         # OUT (C,) float32/float64 or None: sum(dz)
+    *,
+    int activation=ACT_NONE,   # IN  ACT_*: the forward's activation
+    double negative_slope=0.01,  # IN  leaky_relu's
+    saved=None,             # IN  like dy, with an activation: its output y, or z (see below)
+    grad_preact=None,       # OUT like dy, with an activation: dz (may be dy or saved, not x)
 ):
     """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` in one pass, float64.
 
     With ``grad_weight`` / ``grad_bias``, also writes the parameter gradients
     these sums give (this rank's, in the parameters' own dtype): the layer
     then needs no NumPy arithmetic of its own between the kernels.
+
+    With an ``activation`` (the forward's, see normalize), dy is the gradient
+    of the activation's output, and ``saved`` and ``grad_preact`` are
+    required: ``saved`` holds the output y if ``activation_uses_output``,
+    else z. The same pass writes ``dz = dy * activation'(.)`` to
+    ``grad_preact`` (torch's backward formulas; the residual's gradient, and
+    the dy to give backward_input), and the sums and parameter gradients are
+    over dz. With ACT_NONE (the default) both must be None: dz is dy.
     """
     cdef Py_ssize_t C = _check_data("dy", dy)
     _check_same("x", x, "dy", <cnp.ndarray>dy)
+    _check_fused_backward(<cnp.ndarray>dy, x, activation, saved, grad_preact)
     cdef const double[::1] mu = _vec("mean", mean, C)
     cdef double[::1] o = _vec("out", out, 2 * C, False, True)
     cdef FVec gw = _fvec("grad_weight", grad_weight, C, True)
@@ -814,8 +1288,10 @@ def backward_reduce(
     cdef Py_ssize_t c
     cdef Split sp
     cdef double[:, :, ::1] acc
-    cdef const float[:, ::1] gf, xf
-    cdef const double[:, ::1] gd, xd
+    cdef const float[:, ::1] gf, xf, sf
+    cdef const double[:, ::1] gd, xd, sd
+    cdef float[:, ::1] pf
+    cdef double[:, ::1] pd
     for c in range(2 * C):
         o[c] = 0.0
     if cnp.PyArray_SIZE(a) > 0:
@@ -824,13 +1300,26 @@ def backward_reduce(
         if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
             gf = _rows(<cnp.ndarray>dy)
             xf = _rows(a)
-            with nogil:
-                _sums(gf, xf, &sp, mu, True, acc, o)
+            if activation == _ACT_NONE:
+                with nogil:
+                    _sums(gf, xf, &sp, mu, True, acc, o)
+            else:
+                sf = _rows(<cnp.ndarray>saved)
+                pf = _rows(<cnp.ndarray>grad_preact)
+                with nogil:
+                    _act_sums_any(activation, gf, sf, xf, pf, &sp, mu, <float>negative_slope,
+                                  acc, o)
         else:
             gd = _rows(<cnp.ndarray>dy)
             xd = _rows(a)
-            with nogil:
-                _sums(gd, xd, &sp, mu, True, acc, o)
+            if activation == _ACT_NONE:
+                with nogil:
+                    _sums(gd, xd, &sp, mu, True, acc, o)
+            else:
+                sd = _rows(<cnp.ndarray>saved)
+                pd = _rows(<cnp.ndarray>grad_preact)
+                with nogil:
+                    _act_sums_any(activation, gd, sd, xd, pd, &sp, mu, negative_slope, acc, o)
     for c in range(C):
         if gw.data != NULL:
             _fput(gw, c, o[C + c] * inv[c])
@@ -912,25 +1401,144 @@ cdef int _affine_pass(cnp.ndarray x, object z, cnp.ndarray out, const double[:, 
     return 0
 
 
+cdef void _act_affine_share(
+    activation_kind kind,       # IN  the activation
+    const floating[:, ::1] x,   # IN  runs (N * C, L) or rows (M, C)
+    const floating[:, ::1] res, # IN  like x (read only when has_res)
+    floating[:, ::1] out,       # OUT like x
+    floating[:, ::1] pre,       # OUT like x (written only when has_pre)
+    const Split* sp,            # IN
+    const floating[:, ::1] coef,  # IN  (COEF_ROWS, C) m, a, k (see _act_affine_run)
+    floating slope,             # IN  leaky_relu's negative slope
+    bint has_res,               # IN
+    bint has_pre,               # IN
+    Py_ssize_t t,               # IN  share
+) noexcept nogil:
+    cdef PieceWalk w
+    if sp.L == 0:
+        _act_affine_rows(kind, x, res, out, pre, _share(sp.units, t, sp.nt),
+                         _share(sp.units, t + 1, sp.nt), coef, slope, has_res, has_pre)
+        return
+    # memory order, piece by piece
+    w = _walk(sp, t)
+    while w.k < w.end:
+        if w.start < w.stop:
+            _act_affine_run(kind, x, res, out, pre, w.r, w.start, w.stop,
+                            coef[COEF_MEAN, w.c], coef[COEF_SCALE, w.c], coef[COEF_OFFSET, w.c],
+                            slope, has_res, has_pre)
+        _next_piece(sp, &w)
+
+
+cdef void _act_affine(
+    activation_kind kind,       # IN  the activation
+    const floating[:, ::1] x,   # IN  (as in _act_affine_share)
+    const floating[:, ::1] res, # IN
+    floating[:, ::1] out,       # OUT
+    floating[:, ::1] pre,       # OUT
+    const Split* sp,            # IN
+    const floating[:, ::1] coef,  # IN
+    floating slope,             # IN
+    bint has_res,               # IN
+    bint has_pre,               # IN
+) noexcept nogil:
+    cdef Py_ssize_t t
+    if sp.nt == 1:
+        _act_affine_share(kind, x, res, out, pre, sp, coef, slope, has_res, has_pre, 0)
+        return
+    for t in prange(sp.nt, num_threads=sp.nt, schedule='static'):
+        _act_affine_share(kind, x, res, out, pre, sp, coef, slope, has_res, has_pre, t)
+
+
+cdef void _act_affine_any(
+    int activation,             # IN  ACT_* code
+    const floating[:, ::1] x,   # IN  (as in _act_affine_share)
+    const floating[:, ::1] res, # IN
+    floating[:, ::1] out,       # OUT
+    floating[:, ::1] pre,       # OUT
+    const Split* sp,            # IN
+    const floating[:, ::1] coef,  # IN
+    floating slope,             # IN
+    bint has_res,               # IN
+    bint has_pre,               # IN
+) noexcept nogil:
+    """_act_affine with the activation of a code."""
+    if activation == _ACT_RELU:
+        _act_affine(_RELU, x, res, out, pre, sp, coef, slope, has_res, has_pre)
+    elif activation == _ACT_RELU6:
+        _act_affine(_RELU6, x, res, out, pre, sp, coef, slope, has_res, has_pre)
+    elif activation == _ACT_LEAKY_RELU:
+        _act_affine(_LEAKY_RELU, x, res, out, pre, sp, coef, slope, has_res, has_pre)
+    elif activation == _ACT_SILU:
+        _act_affine(_SILU, x, res, out, pre, sp, coef, slope, has_res, has_pre)
+    else:
+        _act_affine(_NO_ACTIVATION, x, res, out, pre, sp, coef, slope, has_res, has_pre)
+
+
+cdef int _act_affine_pass(cnp.ndarray x, object residual, cnp.ndarray out, object preact,
+                          const double[:, ::1] exact, int activation, double slope,
+                          int num_threads) except -1:
+    """Thread split and dtype dispatch of a fused forward pass: out = activation(z),
+    z = (x - m) * a + k [+ residual] [written to preact]; exact: the float64
+    coefficients of the forward form (see _float_coefs)."""
+    cdef Split sp = _split(x, num_threads, 1)
+    cdef bint has_res = residual is not None
+    cdef bint has_pre = preact is not None
+    cdef const float[:, ::1] xf, rf, cf
+    cdef float[:, ::1] of, pf
+    cdef const double[:, ::1] xd, rd, cd
+    cdef double[:, ::1] od, pd
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+        cf = _float_coefs(exact, False)
+        xf = _rows(x)
+        rf = _rows(residual) if has_res else xf
+        of = _rows(out)
+        pf = _rows(preact) if has_pre else of
+        with nogil:
+            _act_affine_any(activation, xf, rf, of, pf, &sp, cf, <float>slope, has_res, has_pre)
+    else:
+        cd = exact
+        xd = _rows(x)
+        rd = _rows(residual) if has_res else xd
+        od = _rows(out)
+        pd = _rows(preact) if has_pre else od
+        with nogil:
+            _act_affine_any(activation, xd, rd, od, pd, &sp, cd, slope, has_res, has_pre)
+    return 0
+
+
 def normalize(
     x,                      # IN  (N, C, L) or (M, C), float32/float64, C-contiguous
     mean,                   # IN  (C,) float64
     invstd,                 # IN  (C,) float64
     weight,                 # IN  (C,) float32/float64 or None (= 1)
     bias,                   # IN  (C,) float32/float64 or None (= 0)
-    out,                    # OUT like x (may be x itself)
+    out,                    # OUT like x (may be x or residual itself)
     int num_threads=0,
+    *,
+    residual=None,          # IN  like x or None: added before the activation
+    int activation=ACT_NONE,   # IN  ACT_*
+    double negative_slope=0.01,  # IN  leaky_relu's
+    preact=None,            # OUT like x or None (not out): z, the activation's input
 ):
-    """``out = (x - mean) * invstd * weight + bias``, one pass.
+    """``out = activation((x - mean) * invstd * weight + bias [+ residual])``, one pass.
 
     Weight and invstd are folded into one scale per channel, computed
     ``(x - mean) * scale + bias`` in the dtype of x, centred so that a large
     ``|mean|`` costs no accuracy (see _float_coefs): float32 output is within
     a few ulps of max(|out|, |bias'|, |(x - mean') * scale|), where mean' is
     mean rounded to float32 and bias' the bias corrected for that rounding.
+
+    Fused, in the same pass: ``z = (x - mean) * scale + bias + residual``
+    (residual added in the dtype of x, after the affine transform) and
+    ``out = activation(z)``, each as torch computes it (NaN stays NaN;
+    leaky_relu takes ``negative_slope``, silu is ``z / (1 + exp(-z))``).
+    ``preact``, if given (with an activation), receives z: the backward needs
+    it when ``activation_uses_output`` is False. Each value is read before its
+    results are written, so out may be x or residual.
     """
     cdef Py_ssize_t C = _check_data("x", x)
     _check_same("out", out, "x", <cnp.ndarray>x, True)
+    _check_fused_forward(<cnp.ndarray>x, out, residual, activation, preact)
     cdef const double* mu = _ptr(_vec("mean", mean, C))
     cdef const double* inv = _ptr(_vec("invstd", invstd, C))
     cdef FVec w = _fvec("weight", weight, C)
@@ -945,7 +1553,11 @@ def normalize(
         coef[COEF_SCALE, c] = inv[c] * _fat(w, c, 1.0)
         coef[COEF_XMU, c] = 0.0
         coef[COEF_OFFSET, c] = _fat(b, c, 0.0)
-    _affine_pass(<cnp.ndarray>x, None, <cnp.ndarray>out, coef, num_threads)
+    if residual is None and activation == _ACT_NONE:
+        _affine_pass(<cnp.ndarray>x, None, <cnp.ndarray>out, coef, num_threads)
+    else:
+        _act_affine_pass(<cnp.ndarray>x, residual, <cnp.ndarray>out, preact, coef, activation,
+                         negative_slope, num_threads)
 
 
 def backward_input(
@@ -1139,19 +1751,15 @@ def finish_stats(
 
 # (index division as in "the work split"; IEEE float division as in finish_stats)
 @cython.cdivision(True)
-cdef void _local_forward_channel(
+cdef inline void _channel_stats(
     const floating[:, ::1] x,   # IN  runs (N * C, L)
-    floating[:, ::1] out,       # OUT like x
     Py_ssize_t N,               # IN
     Py_ssize_t c,               # IN  channel
     double eps,                 # IN
-    double weight,              # IN  of channel c
-    double bias,                # IN  of channel c
-    double* stats,              # OUT (3, C): mean, invstd, biased variance
+    double* stats,              # OUT (3, C): mean, invstd, biased variance (column c)
 ) noexcept nogil:
     cdef Py_ssize_t C = x.shape[0] // N, L = x.shape[1], n
-    cdef double count = <double>(N * L), p, s1, s2, d, v, mean, invstd, a, k
-    cdef floating m
+    cdef double count = <double>(N * L), p, s1, s2, d, v
     cdef int attempt
     # sums around a pivot inside the data (the channel's first value), then,
     # if it was far from the mean, once more around the mean (see local_stats)
@@ -1169,20 +1777,96 @@ cdef void _local_forward_channel(
         if not (isfinite(d) and d * d > _REFINE * v):
             break
         p = p + d
-    mean = p + d
-    invstd = 1.0 / sqrt(v + eps)
-    stats[c] = mean
-    stats[C + c] = invstd
+    stats[c] = p + d
+    stats[C + c] = 1.0 / sqrt(v + eps)
     stats[2 * C + c] = v
+
+
+# (index division as in "the work split")
+@cython.cdivision(True)
+cdef void _local_forward_channel(
+    const floating[:, ::1] x,   # IN  runs (N * C, L)
+    floating[:, ::1] out,       # OUT like x
+    Py_ssize_t N,               # IN
+    Py_ssize_t c,               # IN  channel
+    double eps,                 # IN
+    double weight,              # IN  of channel c
+    double bias,                # IN  of channel c
+    double* stats,              # OUT (3, C): mean, invstd, biased variance
+) noexcept nogil:
+    cdef Py_ssize_t C = x.shape[0] // N, L = x.shape[1], n
+    cdef double mean, a, k
+    cdef floating m
+    _channel_stats(x, N, c, eps, stats)
     # the normalization in the dtype of the data, centred (see _float_coefs)
-    a = invstd * weight
+    mean = stats[c]
+    a = stats[C + c] * weight
     m = <floating>mean
     k = bias + (<double>m - mean) * a
     for n in range(N):
         _affine_run(x, x, out, n * C + c, 0, L, m, <floating>a, <floating>0.0, <floating>k, False)
 
 
+# (index division as in "the work split")
+@cython.cdivision(True)
+cdef void _act_local_forward_channel(
+    activation_kind kind,       # IN  the activation
+    const floating[:, ::1] x,   # IN  runs (N * C, L)
+    const floating[:, ::1] res, # IN  like x (read only when has_res)
+    floating[:, ::1] out,       # OUT like x: activation(z)
+    floating[:, ::1] pre,       # OUT like x: z (written only when has_pre)
+    Py_ssize_t N,               # IN
+    Py_ssize_t c,               # IN  channel
+    double eps,                 # IN
+    double weight,              # IN  of channel c
+    double bias,                # IN  of channel c
+    floating slope,             # IN  leaky_relu's negative slope
+    bint has_res,               # IN
+    bint has_pre,               # IN
+    double* stats,              # OUT (3, C): mean, invstd, biased variance
+) noexcept nogil:
+    # _local_forward_channel with the fused loop of normalize
+    cdef Py_ssize_t C = x.shape[0] // N, L = x.shape[1], n
+    cdef double mean, a, k
+    cdef floating m
+    _channel_stats(x, N, c, eps, stats)
+    mean = stats[c]
+    a = stats[C + c] * weight
+    m = <floating>mean
+    k = bias + (<double>m - mean) * a
+    for n in range(N):
+        _act_affine_run(kind, x, res, out, pre, n * C + c, 0, L, m, <floating>a, <floating>k,
+                        slope, has_res, has_pre)
+
+
 # (index division as in "the work split"; IEEE float division as in finish_stats)
+@cython.cdivision(True)
+cdef inline void _channel_input_grad(
+    const floating[:, ::1] dy,  # IN  runs (N * C, L): dy, or dz with an activation
+    const floating[:, ::1] x,   # IN  like dy
+    floating[:, ::1] out,       # OUT like dy (may be dy or x)
+    Py_ssize_t N,               # IN
+    Py_ssize_t c,               # IN  channel
+    double mean,                # IN  of channel c
+    double invstd,              # IN  of channel c
+    double weight,              # IN  of channel c
+    double s1,                  # IN  sum(dy) over channel c
+    double s2,                  # IN  sum(dy * (x - mean)) over channel c
+) noexcept nogil:
+    cdef Py_ssize_t C = dy.shape[0] // N, L = dy.shape[1], n
+    cdef double count = <double>(N * L), a, b, k
+    cdef floating m
+    # out = dy * a + ((x - mean) * b + k), centred as in backward_input
+    a = invstd * weight
+    b = -a * invstd * invstd * (s2 / count)
+    k = -a * (s1 / count)
+    m = <floating>mean
+    k = k + (<double>m - mean) * b
+    for n in range(N):
+        _affine_run(dy, x, out, n * C + c, 0, L, m, <floating>a, <floating>b, <floating>k, True)
+
+
+# (index division as in "the work split")
 @cython.cdivision(True)
 cdef void _local_backward_channel(
     const floating[:, ::1] dy,  # IN  runs (N * C, L)
@@ -1197,22 +1881,43 @@ cdef void _local_backward_channel(
     double* sums,               # OUT (2C,): [sum(dy), sum(dy * (x - mean))]
 ) noexcept nogil:
     cdef Py_ssize_t C = dy.shape[0] // N, L = dy.shape[1], n
-    cdef double count = <double>(N * L), s1 = 0.0, s2 = 0.0, a, b, k
-    cdef floating m
+    cdef double s1 = 0.0, s2 = 0.0
     for n in range(N):
         _run_sums(dy, x, n * C + c, 0, L, mean, True, &s1, &s2)
     sums[c] = s1
     sums[C + c] = s2
-    if not grad_input:
-        return
-    # out = dy * a + ((x - mean) * b + k), centred as in backward_input
-    a = invstd * weight
-    b = -a * invstd * invstd * (s2 / count)
-    k = -a * (s1 / count)
-    m = <floating>mean
-    k = k + (<double>m - mean) * b
+    if grad_input:
+        _channel_input_grad(dy, x, out, N, c, mean, invstd, weight, s1, s2)
+
+
+# (index division as in "the work split")
+@cython.cdivision(True)
+cdef void _act_local_backward_channel(
+    activation_kind kind,       # IN  the activation
+    const floating[:, ::1] dy,  # IN  runs (N * C, L)
+    const floating[:, ::1] s,   # IN  like dy: the saved output (or z)
+    const floating[:, ::1] x,   # IN  like dy
+    floating[:, ::1] gz,        # OUT like dy (not x): dz
+    floating[:, ::1] out,       # OUT like dy (may be gz, dy, s or x), written when grad_input
+    Py_ssize_t N,               # IN
+    Py_ssize_t c,               # IN  channel
+    double mean,                # IN  of channel c
+    double invstd,              # IN  of channel c
+    double weight,              # IN  of channel c
+    floating slope,             # IN  leaky_relu's negative slope
+    bint grad_input,            # IN  write out
+    double* sums,               # OUT (2C,): [sum(dz), sum(dz * (x - mean))]
+) noexcept nogil:
+    # dz and its sums in one pass over the channel, then the input gradient
+    # from dz as stored (channel c's dy and s are read before any of out is written)
+    cdef Py_ssize_t C = dy.shape[0] // N, L = dy.shape[1], n
+    cdef double s1 = 0.0, s2 = 0.0
     for n in range(N):
-        _affine_run(dy, x, out, n * C + c, 0, L, m, <floating>a, <floating>b, <floating>k, True)
+        _act_run_sums(kind, dy, s, x, gz, n * C + c, 0, L, mean, slope, &s1, &s2)
+    sums[c] = s1
+    sums[C + c] = s2
+    if grad_input:
+        _channel_input_grad(gz, x, out, N, c, mean, invstd, weight, s1, s2)
 
 
 cdef void _local_forward_channels(
@@ -1233,6 +1938,67 @@ cdef void _local_forward_channels(
     else:
         for c in prange(C, num_threads=nt, schedule='static'):
             _local_forward_channel(x, out, N, c, eps, _fat(w, c, 1.0), _fat(b, c, 0.0), stats)
+
+
+cdef void _act_local_forward_channels(
+    activation_kind kind,       # IN  the activation
+    const floating[:, ::1] x,   # IN  runs (N * C, L)
+    const floating[:, ::1] res, # IN  like x (read only when has_res)
+    floating[:, ::1] out,       # OUT like x
+    floating[:, ::1] pre,       # OUT like x (written only when has_pre)
+    Py_ssize_t N,               # IN
+    double eps,                 # IN
+    FVec w,                     # IN  weight or None
+    FVec b,                     # IN  bias or None
+    floating slope,             # IN
+    bint has_res,               # IN
+    bint has_pre,               # IN
+    double* stats,              # OUT (3, C)
+    int nt,                     # IN  threads
+) noexcept nogil:
+    cdef Py_ssize_t C = x.shape[0] // N, c
+    if nt == 1:
+        for c in range(C):
+            _act_local_forward_channel(kind, x, res, out, pre, N, c, eps, _fat(w, c, 1.0),
+                                       _fat(b, c, 0.0), slope, has_res, has_pre, stats)
+    else:
+        for c in prange(C, num_threads=nt, schedule='static'):
+            _act_local_forward_channel(kind, x, res, out, pre, N, c, eps, _fat(w, c, 1.0),
+                                       _fat(b, c, 0.0), slope, has_res, has_pre, stats)
+
+
+cdef void _act_local_forward_any(
+    int activation,             # IN  ACT_* code
+    const floating[:, ::1] x,   # IN  (as in _act_local_forward_channels)
+    const floating[:, ::1] res, # IN
+    floating[:, ::1] out,       # OUT
+    floating[:, ::1] pre,       # OUT
+    Py_ssize_t N,               # IN
+    double eps,                 # IN
+    FVec w,                     # IN
+    FVec b,                     # IN
+    floating slope,             # IN
+    bint has_res,               # IN
+    bint has_pre,               # IN
+    double* stats,              # OUT
+    int nt,                     # IN
+) noexcept nogil:
+    """_act_local_forward_channels with the activation of a code."""
+    if activation == _ACT_RELU:
+        _act_local_forward_channels(_RELU, x, res, out, pre, N, eps, w, b, slope, has_res,
+                                    has_pre, stats, nt)
+    elif activation == _ACT_RELU6:
+        _act_local_forward_channels(_RELU6, x, res, out, pre, N, eps, w, b, slope, has_res,
+                                    has_pre, stats, nt)
+    elif activation == _ACT_LEAKY_RELU:
+        _act_local_forward_channels(_LEAKY_RELU, x, res, out, pre, N, eps, w, b, slope, has_res,
+                                    has_pre, stats, nt)
+    elif activation == _ACT_SILU:
+        _act_local_forward_channels(_SILU, x, res, out, pre, N, eps, w, b, slope, has_res,
+                                    has_pre, stats, nt)
+    else:
+        _act_local_forward_channels(_NO_ACTIVATION, x, res, out, pre, N, eps, w, b, slope,
+                                    has_res, has_pre, stats, nt)
 
 
 cdef void _local_backward_channels(
@@ -1258,6 +2024,67 @@ cdef void _local_backward_channels(
                                     grad_input, sums)
 
 
+cdef void _act_local_backward_channels(
+    activation_kind kind,       # IN  the activation
+    const floating[:, ::1] dy,  # IN  runs (N * C, L)
+    const floating[:, ::1] s,   # IN  like dy
+    const floating[:, ::1] x,   # IN  like dy
+    floating[:, ::1] gz,        # OUT like dy
+    floating[:, ::1] out,       # OUT like dy, written when grad_input
+    Py_ssize_t N,               # IN
+    const double* mean,         # IN  (C,)
+    const double* invstd,       # IN  (C,)
+    FVec w,                     # IN  weight or None
+    floating slope,             # IN
+    bint grad_input,            # IN
+    double* sums,               # OUT (2C,)
+    int nt,                     # IN  threads
+) noexcept nogil:
+    cdef Py_ssize_t C = dy.shape[0] // N, c
+    if nt == 1:
+        for c in range(C):
+            _act_local_backward_channel(kind, dy, s, x, gz, out, N, c, mean[c], invstd[c],
+                                        _fat(w, c, 1.0), slope, grad_input, sums)
+    else:
+        for c in prange(C, num_threads=nt, schedule='static'):
+            _act_local_backward_channel(kind, dy, s, x, gz, out, N, c, mean[c], invstd[c],
+                                        _fat(w, c, 1.0), slope, grad_input, sums)
+
+
+cdef void _act_local_backward_any(
+    int activation,             # IN  ACT_* code, not ACT_NONE
+    const floating[:, ::1] dy,  # IN  (as in _act_local_backward_channels)
+    const floating[:, ::1] s,   # IN
+    const floating[:, ::1] x,   # IN
+    floating[:, ::1] gz,        # OUT
+    floating[:, ::1] out,       # OUT
+    Py_ssize_t N,               # IN
+    const double* mean,         # IN
+    const double* invstd,       # IN
+    FVec w,                     # IN
+    floating slope,             # IN
+    bint grad_input,            # IN
+    double* sums,               # OUT
+    int nt,                     # IN
+) noexcept nogil:
+    """_act_local_backward_channels with the activation of a code."""
+    if activation == _ACT_RELU:
+        _act_local_backward_channels(_RELU, dy, s, x, gz, out, N, mean, invstd, w, slope,
+                                     grad_input, sums, nt)
+    elif activation == _ACT_RELU6:
+        _act_local_backward_channels(_RELU6, dy, s, x, gz, out, N, mean, invstd, w, slope,
+                                     grad_input, sums, nt)
+    elif activation == _ACT_LEAKY_RELU:
+        _act_local_backward_channels(_LEAKY_RELU, dy, s, x, gz, out, N, mean, invstd, w, slope,
+                                     grad_input, sums, nt)
+    elif activation == _ACT_SILU:
+        _act_local_backward_channels(_SILU, dy, s, x, gz, out, N, mean, invstd, w, slope,
+                                     grad_input, sums, nt)
+    else:
+        _act_local_backward_channels(_NO_ACTIVATION, dy, s, x, gz, out, N, mean, invstd, w,
+                                     slope, grad_input, sums, nt)
+
+
 cdef int _check_runs(str name, object a) except -1:
     if cnp.PyArray_NDIM(<cnp.ndarray>a) != 3:
         raise ValueError(f"{name}: expected the channels-first layout (N, C, L) "
@@ -1270,7 +2097,7 @@ def local_forward(
     weight,                 # IN  (C,) float32/float64 or None (= 1)
     bias,                   # IN  (C,) float32/float64 or None (= 0)
     double eps,             # IN
-    out,                    # OUT like x (may be x itself)
+    out,                    # OUT like x (may be x or residual itself)
     stats,                  # OUT (3, C) float64: mean, invstd, biased variance
     next_shift=None,        # OUT (C,) float64 or None: the mean where finite
     running_mean=None,      # IN/OUT (C,) float32/float64 or None
@@ -1278,6 +2105,11 @@ def local_forward(
     factor=0.0,             # IN  weight of this batch; None: 1 / batches seen
     num_batches_tracked=None,  # IN/OUT int64 array of one element or None: += 1
     int num_threads=0,
+    *,
+    residual=None,          # IN  like x or None: added before the activation
+    int activation=ACT_NONE,   # IN  ACT_*
+    double negative_slope=0.01,  # IN  leaky_relu's
+    preact=None,            # OUT like x or None (not out): z, the activation's input
 ):
     """The training forward of a group of one process, in one call: statistics
     (float64, around a pivot in the data as in local_stats), then
@@ -1285,10 +2117,16 @@ def local_forward(
     channel; the statistics, the shift and the running statistics are written
     as finish_stats writes them. Every channel needs at least 2 values
     (ValueError otherwise, before anything is written).
+
+    ``residual``, ``activation``, ``negative_slope`` and ``preact`` fuse the
+    residual add and the activation into the normalization, as in normalize:
+    ``out = activation(z)``, ``z = (x - mean) * invstd * weight + bias + residual``
+    (the statistics are those of x alone).
     """
     cdef Py_ssize_t C = _check_data("x", x)
     _check_runs("x", x)
     _check_same("out", out, "x", <cnp.ndarray>x, True)
+    _check_fused_forward(<cnp.ndarray>x, out, residual, activation, preact)
     cdef FVec w = _fvec("weight", weight, C)
     cdef FVec b = _fvec("bias", bias, C)
     if (not isinstance(stats, np.ndarray) or cnp.PyArray_NDIM(<cnp.ndarray>stats) != 2
@@ -1307,10 +2145,13 @@ def local_forward(
     cdef Py_ssize_t N = cnp.PyArray_DIM(a, 0), L = cnp.PyArray_DIM(a, 2), c
     cdef double count = <double>(N * L), f = 0.0 if factor is None else <double>factor
     cdef int nt
-    cdef const float[:, ::1] xf
-    cdef float[:, ::1] of
-    cdef const double[:, ::1] xd
-    cdef double[:, ::1] od
+    cdef bint fused = residual is not None or activation != _ACT_NONE
+    cdef bint has_res = residual is not None
+    cdef bint has_pre = preact is not None
+    cdef const float[:, ::1] xf, rf
+    cdef float[:, ::1] of, pf
+    cdef const double[:, ::1] xd, rd
+    cdef double[:, ::1] od, pd
     if C == 0:
         return
     if count < 2.0:
@@ -1319,13 +2160,27 @@ def local_forward(
     if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
         xf = _rows(a)
         of = _rows(<cnp.ndarray>out)
-        with nogil:
-            _local_forward_channels(xf, of, N, eps, w, b, st, nt)
+        if not fused:
+            with nogil:
+                _local_forward_channels(xf, of, N, eps, w, b, st, nt)
+        else:
+            rf = _rows(<cnp.ndarray>residual) if has_res else xf
+            pf = _rows(<cnp.ndarray>preact) if has_pre else of
+            with nogil:
+                _act_local_forward_any(activation, xf, rf, of, pf, N, eps, w, b,
+                                       <float>negative_slope, has_res, has_pre, st, nt)
     else:
         xd = _rows(a)
         od = _rows(<cnp.ndarray>out)
-        with nogil:
-            _local_forward_channels(xd, od, N, eps, w, b, st, nt)
+        if not fused:
+            with nogil:
+                _local_forward_channels(xd, od, N, eps, w, b, st, nt)
+        else:
+            rd = _rows(<cnp.ndarray>residual) if has_res else xd
+            pd = _rows(<cnp.ndarray>preact) if has_pre else od
+            with nogil:
+                _act_local_forward_any(activation, xd, rd, od, pd, N, eps, w, b,
+                                       negative_slope, has_res, has_pre, st, nt)
     _record_batch(st, st + 2 * C, count, C, nxt, rm, rv, batches, f, factor is None)
 
 
@@ -1335,20 +2190,34 @@ def local_backward(
     mean,                   # IN  (C,) float64
     invstd,                 # IN  (C,) float64
     weight,                 # IN  (C,) float32/float64 or None (= 1)
-    out=None,               # OUT like dy or None: gradient of the input (may be dy or x)
-    grad_weight=None,       # OUT (C,) float32/float64 or None: sum(dy * (x - mean)) * invstd
-    grad_bias=None,         # OUT (C,) float32/float64 or None: sum(dy)
+    out=None,               # OUT like dy or None: gradient of the input (may be dy, x,
+                            #     saved or grad_preact)
+    grad_weight=None,       # OUT (C,) float32/float64 or None: sum(dz * (x - mean)) * invstd
+    grad_bias=None,         # OUT (C,) float32/float64 or None: sum(dz)
     int num_threads=0,
+    *,
+    int activation=ACT_NONE,   # IN  ACT_*: the forward's activation
+    double negative_slope=0.01,  # IN  leaky_relu's
+    saved=None,             # IN  like dy, with an activation: its output y, or z
+    grad_preact=None,       # OUT like dy, with an activation: dz (may be dy or saved, not x)
 ):
     """The backward of a group of one process, in one call: the reductions of
     backward_reduce, then (with ``out``) the input gradient of
-    backward_input, channel by channel."""
+    backward_input, channel by channel.
+
+    With an ``activation``, as in backward_reduce: ``saved`` and
+    ``grad_preact`` are required, and each channel's pass writes
+    ``dz = dy * activation'(.)`` to ``grad_preact`` and sums over it; the
+    input gradient is then computed from dz (as stored) and x, so ``out``
+    may be ``grad_preact`` itself. With ACT_NONE both must be None (dz = dy).
+    """
     cdef Py_ssize_t C = _check_data("dy", dy)
     _check_runs("dy", dy)
     _check_same("x", x, "dy", <cnp.ndarray>dy)
     cdef bint grad_input = out is not None
     if grad_input:
         _check_same("out", out, "dy", <cnp.ndarray>dy, True)
+    _check_fused_backward(<cnp.ndarray>dy, x, activation, saved, grad_preact)
     cdef const double* mu = _ptr(_vec("mean", mean, C))
     cdef const double* inv = _ptr(_vec("invstd", invstd, C))
     cdef FVec w = _fvec("weight", weight, C)
@@ -1359,10 +2228,10 @@ def local_backward(
     cdef int nt
     cdef cnp.ndarray sums_array = _coefs(C, cnp.NPY_FLOAT64)  # (2C values: the sums)
     cdef double* sums = <double*>cnp.PyArray_DATA(sums_array)
-    cdef const float[:, ::1] gf, xf
-    cdef float[:, ::1] of
-    cdef const double[:, ::1] gd, xd
-    cdef double[:, ::1] od
+    cdef const float[:, ::1] gf, xf, sf
+    cdef float[:, ::1] of, pf
+    cdef const double[:, ::1] gd, xd, sd
+    cdef double[:, ::1] od, pd
     for c in range(2 * C):
         sums[c] = 0.0
     if cnp.PyArray_SIZE(a) > 0:
@@ -1370,15 +2239,31 @@ def local_backward(
         if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
             gf = _rows(a)
             xf = _rows(<cnp.ndarray>x)
-            of = _rows(<cnp.ndarray>out) if grad_input else np.empty((0, 1), np.float32)
-            with nogil:
-                _local_backward_channels(gf, xf, of, N, mu, inv, w, grad_input, sums, nt)
+            if activation == _ACT_NONE:
+                of = _rows(<cnp.ndarray>out) if grad_input else np.empty((0, 1), np.float32)
+                with nogil:
+                    _local_backward_channels(gf, xf, of, N, mu, inv, w, grad_input, sums, nt)
+            else:
+                sf = _rows(<cnp.ndarray>saved)
+                pf = _rows(<cnp.ndarray>grad_preact)
+                of = _rows(<cnp.ndarray>out) if grad_input else pf
+                with nogil:
+                    _act_local_backward_any(activation, gf, sf, xf, pf, of, N, mu, inv, w,
+                                            <float>negative_slope, grad_input, sums, nt)
         else:
             gd = _rows(a)
             xd = _rows(<cnp.ndarray>x)
-            od = _rows(<cnp.ndarray>out) if grad_input else np.empty((0, 1), np.float64)
-            with nogil:
-                _local_backward_channels(gd, xd, od, N, mu, inv, w, grad_input, sums, nt)
+            if activation == _ACT_NONE:
+                od = _rows(<cnp.ndarray>out) if grad_input else np.empty((0, 1), np.float64)
+                with nogil:
+                    _local_backward_channels(gd, xd, od, N, mu, inv, w, grad_input, sums, nt)
+            else:
+                sd = _rows(<cnp.ndarray>saved)
+                pd = _rows(<cnp.ndarray>grad_preact)
+                od = _rows(<cnp.ndarray>out) if grad_input else pd
+                with nogil:
+                    _act_local_backward_any(activation, gd, sd, xd, pd, od, N, mu, inv, w,
+                                            negative_slope, grad_input, sums, nt)
     for c in range(C):
         if gw.data != NULL:
             _fput(gw, c, sums[C + c] * inv[c])
