@@ -12,10 +12,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "apply_activation", "check_activation", "check_residual"]
+from . import _kernels
+
+__all__ = ["ACTIVATIONS", "KERNEL_ACTIVATIONS", "apply_activation", "check_activation", "check_residual"]
 
 ACTIVATIONS = ("relu", "relu6", "leaky_relu", "silu")
 """The names ``activation=`` takes (besides None)."""
+
+KERNEL_ACTIVATIONS: dict[str | None, int] = {
+    None: _kernels.ACT_NONE,
+    "relu": _kernels.ACT_RELU,
+    "relu6": _kernels.ACT_RELU6,
+    "leaky_relu": _kernels.ACT_LEAKY_RELU,
+    "silu": _kernels.ACT_SILU,
+}
+"""``activation=`` names -> the kernels' activation codes."""
 
 
 def check_activation(activation: object, negative_slope: object) -> None:

@@ -26,7 +26,16 @@ from . import _kernels
 from ._views import KERNEL_DTYPES, KernelInput, KernelLayout, KernelTensor, kernel_input, kernel_view
 from .comm import Communicator
 
-__all__ = ["BatchStatistics", "LayerArgs", "SyncBatchNormFunction", "batch_statistics", "sync_batch_norm"]
+__all__ = [
+    "BatchStatistics",
+    "LayerArgs",
+    "SyncBatchNormActFunction",
+    "SyncBatchNormFunction",
+    "batch_statistics",
+    "needs_grad",
+    "normalize_with_running_stats",
+    "sync_batch_norm",
+]
 
 
 class LayerArgs(NamedTuple):
@@ -40,6 +49,8 @@ class LayerArgs(NamedTuple):
     eps: float
     momentum: float | None  # None: cumulative moving average
     comm: Communicator
+    activation: int = 0  # a kernel activation code (_kernels.ACT_*), applied after the residual
+    negative_slope: float = 0.01  # of leaky_relu
 
 
 class BatchStatistics(NamedTuple):
@@ -158,26 +169,67 @@ class _Forward(NamedTuple):
     layout: KernelLayout
     statistics: BatchStatistics
     weight_view: np.ndarray | None
+    # the pre-activation bn(x) + residual, kept when the activation's
+    # derivative needs it (not only its output); in the kernels' dtype
+    preactivation: torch.Tensor | None = None
+
+
+class _FusedOutput(NamedTuple):
+    """The kernels' keyword arguments of the residual and the activation, and
+    the tensor that receives the pre-activation (when the backward needs it)."""
+
+    kwargs: dict[str, Any]
+    preactivation: KernelTensor | None
+
+
+def _fused_output(
+    residual: torch.Tensor | None, activation: int, negative_slope: float, like: KernelInput
+) -> _FusedOutput:
+    """For a normalization of ``like`` (the kernels' input)."""
+    if residual is None and activation == _kernels.ACT_NONE:
+        return _FusedOutput({}, None)
+    layout, kernel_dtype = like.layout, like.tensor.dtype
+    kwargs: dict[str, Any] = {"activation": activation, "negative_slope": negative_slope}
+    if residual is not None:
+        kwargs["residual"] = kernel_view(residual, layout, kernel_dtype)
+    preactivation = None
+    if not _kernels.activation_uses_output(activation, negative_slope):
+        preactivation = layout.new_like(like.tensor, kernel_dtype)
+        kwargs["preact"] = preactivation.array
+    return _FusedOutput(kwargs, preactivation)
 
 
 def _forward(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, args: LayerArgs
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    args: LayerArgs,
+    residual: torch.Tensor | None = None,
 ) -> _Forward:
     kx = kernel_input(x)
     num_threads = torch.get_num_threads()
     if args.comm.size == 1 and not kx.layout.rows:
-        return _forward_alone(x, kx, weight, bias, args, num_threads)
+        return _forward_alone(x, kx, weight, bias, args, num_threads, residual)
     statistics = batch_statistics(kx.array, args, num_threads)
     weight_view = _param(weight)
     stats = statistics.stats
     if stats is None:
         return _Forward(torch.empty_like(x), kx.tensor, kx.array, kx.layout, statistics, weight_view)
     out = kx.layout.new_like(kx.tensor, kx.tensor.dtype)
+    fused = _fused_output(residual, args.activation, args.negative_slope, kx)
     _kernels.normalize(
-        kx.array, stats[MEAN], stats[INVSTD], weight_view, _param(bias), out.array, num_threads
+        kx.array,
+        stats[MEAN],
+        stats[INVSTD],
+        weight_view,
+        _param(bias),
+        out.array,
+        num_threads,
+        **fused.kwargs,
     )
     y = out.tensor if out.tensor.dtype == x.dtype else out.tensor.to(x.dtype)
-    return _Forward(y, kx.tensor, kx.array, kx.layout, statistics, weight_view)
+    preactivation = None if fused.preactivation is None else fused.preactivation.tensor
+    return _Forward(y, kx.tensor, kx.array, kx.layout, statistics, weight_view, preactivation)
 
 
 def _forward_alone(
@@ -187,6 +239,7 @@ def _forward_alone(
     bias: torch.Tensor | None,
     args: LayerArgs,
     num_threads: int,
+    residual: torch.Tensor | None,
 ) -> _Forward:
     """The forward of a group of one process: nothing to wait for between the
     statistics and the normalization, so one kernel call does both, channel
@@ -202,6 +255,7 @@ def _forward_alone(
     stats = np.empty((3, C))
     running = _running_views(args)
     out = kx.layout.new_like(kx.tensor, kx.tensor.dtype)
+    fused = _fused_output(residual, args.activation, args.negative_slope, kx)
     _kernels.local_forward(
         kx.array,
         weight_view,
@@ -215,29 +269,66 @@ def _forward_alone(
         factor=args.momentum,
         num_batches_tracked=None if running is None else running.batches,
         num_threads=num_threads,
+        **fused.kwargs,
     )
     if running is not None:
         _running_done(args, running)
     y = out.tensor if out.tensor.dtype == x.dtype else out.tensor.to(x.dtype)
-    return _Forward(y, kx.tensor, kx.array, kx.layout, BatchStatistics(count, stats), weight_view)
+    preactivation = None if fused.preactivation is None else fused.preactivation.tensor
+    return _Forward(
+        y, kx.tensor, kx.array, kx.layout, BatchStatistics(count, stats), weight_view, preactivation
+    )
+
+
+def normalize_with_running_stats(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,
+    activation: int,
+    negative_slope: float,
+) -> torch.Tensor:
+    """Evaluation without autograd: ``activation(bn(x) + residual)`` with the
+    running statistics, in one kernel pass (nothing communicated)."""
+    kx = kernel_input(x)
+    mean = running_mean.detach().to(torch.float64).numpy()
+    invstd = (running_var.detach().to(torch.float64) + eps).rsqrt_().numpy()
+    out = kx.layout.new_like(kx.tensor, kx.tensor.dtype)
+    fused = _fused_output(residual, activation, negative_slope, kx)
+    _kernels.normalize(
+        kx.array,
+        mean,
+        invstd,
+        _param(weight),
+        _param(bias),
+        out.array,
+        torch.get_num_threads(),
+        **fused.kwargs,
+    )
+    return out.tensor if out.tensor.dtype == x.dtype else out.tensor.to(x.dtype)
 
 
 class _Saved:
     """What the backward needs besides the saved tensors (named, on ``ctx``)."""
 
     __slots__ = (
+        "activation",
         "bias_dtype",
         "comm",
         "input_dtype",
         "input_view",
         "kernel_dtype",
         "layout",
+        "negative_slope",
         "statistics",
         "weight_view",
     )
 
     def __init__(
-        self, forward: _Forward, x: torch.Tensor, bias: torch.Tensor | None, comm: Communicator
+        self, forward: _Forward, x: torch.Tensor, bias: torch.Tensor | None, args: LayerArgs
     ) -> None:
         kernel_dtype = forward.input.dtype
         # the kernels' view of the input, when the input saved is that tensor
@@ -245,7 +336,9 @@ class _Saved:
         self.weight_view = forward.weight_view
         self.layout = forward.layout
         self.statistics = forward.statistics
-        self.comm = comm
+        self.comm = args.comm
+        self.activation = args.activation
+        self.negative_slope = args.negative_slope
         self.input_dtype = x.dtype
         self.kernel_dtype = kernel_dtype
         self.bias_dtype = None if bias is None else bias.dtype
@@ -258,28 +351,36 @@ def _grad_vector(dtype: torch.dtype, C: int) -> tuple[np.ndarray, torch.Tensor]:
     return a, torch.from_numpy(a)
 
 
-def _new_grad_input(saved: _Saved, x: torch.Tensor) -> KernelTensor:
-    """The input gradient's tensor: with the input's strides when the
+def _new_grad(saved: _Saved, x: torch.Tensor) -> KernelTensor:
+    """A new gradient of the input's shape: with the input's strides when the
     kernels read the input in place, else in the layout's own order."""
     if saved.input_view is not None:
         return saved.layout.new_like(x, saved.kernel_dtype)
     return saved.layout.empty(saved.kernel_dtype)
 
 
+def _as(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+
 def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    x, weight = ctx.saved_tensors  # (also autograd's check that neither was modified in place)
+    # (the saved tensors are also autograd's check that none was modified in place)
+    x, weight, activation_saved = ctx.saved_tensors
     saved: _Saved = ctx.saved
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    fused = len(ctx.needs_input_grad) == 5  # (x, weight, bias, residual, args)
+    need_r = fused and ctx.needs_input_grad[3]
     C = x.shape[1]
     stats = saved.statistics.stats
     if stats is None:
         # every rank saw a global count of 0 and skips the collective alike
-        return (
+        zero_grads = (
             torch.zeros_like(grad_out, dtype=saved.input_dtype) if need_x else None,
             torch.zeros(C, dtype=weight.dtype) if need_w else None,
             torch.zeros(C, dtype=saved.bias_dtype) if need_b else None,
-            None,
         )
+        residual_grad = (torch.zeros_like(grad_out, dtype=saved.input_dtype) if need_r else None,)
+        return (*zero_grads, *(residual_grad if fused else ()), None)
     layout, kernel_dtype = saved.layout, saved.kernel_dtype
     x_view = saved.input_view if saved.input_view is not None else kernel_view(x, layout, kernel_dtype)
     dy_view = kernel_view(grad_out, layout, kernel_dtype)
@@ -288,10 +389,26 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ..
     gw, grad_w = _grad_vector(weight.dtype, C) if need_w else (None, None)
     bias_dtype = saved.bias_dtype
     gb, grad_b = _grad_vector(bias_dtype, C) if need_b and bias_dtype is not None else (None, None)
-    grad_x = None
+    # The activation's gradient: dz = dy * activation'(z), written by the
+    # reduction pass into dz (the residual's gradient too), which the input
+    # gradient then reads instead of dy.
+    activation: dict[str, Any] = {}
+    dz_view, grad_r = dy_view, (grad_out if need_r else None)
+    dz: KernelTensor | None = None
+    if saved.activation != _kernels.ACT_NONE:
+        dz = _new_grad(saved, x)
+        dz_view = dz.array
+        grad_r = dz.tensor if need_r else None
+        activation = {
+            "activation": saved.activation,
+            "negative_slope": saved.negative_slope,
+            "saved": kernel_view(activation_saved, layout, kernel_dtype),
+            "grad_preact": dz.array,
+        }
+    # the input gradient overwrites dz when nothing else needs it
+    dx = (dz if dz is not None and not need_r else _new_grad(saved, x)) if need_x else None
     if saved.comm.size == 1 and not layout.rows:
         # a group of one: the reduction and the input gradient in one call
-        dx = _new_grad_input(saved, x) if need_x else None
         _kernels.local_backward(
             dy_view,
             x_view,
@@ -302,19 +419,19 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ..
             gw,
             gb,
             num_threads,
+            **activation,
+        )
+    else:
+        sums = np.empty(2 * C)  # [sum dz, sum dz * (x - mean)]
+        _kernels.backward_reduce(
+            dy_view, x_view, stats[MEAN], sums, num_threads, stats[INVSTD], gw, gb, **activation
         )
         if dx is not None:
-            grad_x = dx.tensor
-    else:
-        sums = np.empty(2 * C)  # [sum dy, sum dy * (x - mean)]
-        _kernels.backward_reduce(dy_view, x_view, stats[MEAN], sums, num_threads, stats[INVSTD], gw, gb)
-        if need_x:
             if saved.comm.size > 1:
                 saved.comm.allreduce_array_(sums)
-            dx = _new_grad_input(saved, x)
             # (backward_input takes the reduced sums and divides them by the count)
             _kernels.backward_input(
-                dy_view,
+                dz_view,
                 x_view,
                 stats[MEAN],
                 stats[INVSTD],
@@ -325,20 +442,45 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ..
                 num_threads,
                 saved.statistics.global_count,
             )
-            grad_x = dx.tensor
-    if grad_x is not None and grad_x.dtype != saved.input_dtype:
-        grad_x = grad_x.to(saved.input_dtype)
-    if grad_w is not None and grad_w.dtype != weight.dtype:
-        grad_w = grad_w.to(weight.dtype)
-    if grad_b is not None and grad_b.dtype != saved.bias_dtype:
-        grad_b = grad_b.to(saved.bias_dtype)
-    return grad_x, grad_w, grad_b, None
+    grads = (
+        _as(None if dx is None else dx.tensor, saved.input_dtype),
+        _as(grad_w, None if weight is None else weight.dtype),
+        _as(grad_b, saved.bias_dtype),
+    )
+    if fused:
+        return (*grads, _as(grad_r, saved.input_dtype), None)
+    return (*grads, None)
 
 
 # The backward is NumPy and kernels: there is no graph to differentiate
 # again. Under create_graph=True, once_differentiable makes a second
 # differentiation raise; otherwise its wrapping costs for nothing.
 _backward_once = once_differentiable(_backward)
+
+
+def _save(
+    ctx: Any,
+    forward: _Forward,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    args: LayerArgs,
+) -> None:
+    """Save what the backward needs.
+
+    The tensor the kernels read (the input itself, unless it needed a copy);
+    a float16/bfloat16 input is saved as it came and widened again in
+    backward, so it costs no more memory than torch's. With an activation,
+    also what its derivative is computed from: the output (as torch's relu
+    saves it) or the pre-activation (as torch's silu saves its input). The
+    saved tensors are autograd's check that none of them changed in place
+    before the backward, which reuses their views.
+    """
+    activation_saved = None
+    if args.activation != _kernels.ACT_NONE:
+        activation_saved = forward.output if forward.preactivation is None else forward.preactivation
+    ctx.save_for_backward(forward.input if forward.input.dtype == x.dtype else x, weight, activation_saved)
+    ctx.saved = _Saved(forward, x, bias, args)
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -354,13 +496,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         # (One argument for everything not differentiated: Function.apply costs per argument.)
         forward = _forward(x, weight, bias, args)
-        # Saved: the tensor the kernels read (the input itself, unless it
-        # needed a copy); a float16/bfloat16 input is saved as it came and
-        # widened again in backward, so it costs no more memory than torch's.
-        # The saved tensors are autograd's check that neither x nor the weight
-        # changed in place before the backward, which reuses their views.
-        ctx.save_for_backward(forward.input if forward.input.dtype == x.dtype else x, weight)
-        ctx.saved = _Saved(forward, x, bias, args.comm)
+        _save(ctx, forward, x, weight, bias, args)
         return forward.output
 
     @staticmethod
@@ -370,25 +506,67 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return _backward(ctx, grad_out)
 
 
+class SyncBatchNormActFunction(torch.autograd.Function):
+    """:class:`SyncBatchNormFunction` followed by ``+ residual`` and the
+    activation ``args.activation``, in the same kernel passes."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        args: LayerArgs,
+    ) -> torch.Tensor:
+        forward = _forward(x, weight, bias, args, residual)
+        _save(ctx, forward, x, weight, bias, args)
+        return forward.output
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            return _backward_once(ctx, grad_out)
+        return _backward(ctx, grad_out)
+
+
+def needs_grad(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, residual: torch.Tensor | None
+) -> bool:
+    """Whether autograd records a call on these tensors."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+        or (residual is not None and residual.requires_grad)
+    )
+
+
 def sync_batch_norm(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, args: LayerArgs
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    args: LayerArgs,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Batch norm with batch statistics summed over ``args.comm``; updates the running statistics.
+    """Batch norm with batch statistics summed over ``args.comm``; updates the
+    running statistics; then ``+ residual`` and the activation ``args.activation``.
 
     Args:
         x: input ``(N, C, *)``, already validated by the caller.
         weight, bias: affine parameters ``(C,)`` or None.
-        args: the running statistics, shift, eps, momentum and communicator.
+        args: the running statistics, shift, eps, momentum, communicator and activation.
+        residual: None, or a tensor of the input's shape and dtype (validated by the caller).
 
     Without autograd (``torch.no_grad()`` or nothing requiring grad) the
     forward issues its one allreduce and saves nothing.
     """
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    )
-    if needs_grad:
-        out: torch.Tensor = SyncBatchNormFunction.apply(x, weight, bias, args)  # type: ignore[no-untyped-call]
-        return out
-    return _forward(x, weight, bias, args).output
+    fused = residual is not None or args.activation != _kernels.ACT_NONE
+    out: torch.Tensor
+    if not needs_grad(x, weight, bias, residual):
+        return _forward(x, weight, bias, args, residual).output
+    if fused:
+        out = SyncBatchNormActFunction.apply(x, weight, bias, residual, args)  # type: ignore[no-untyped-call]
+    else:
+        out = SyncBatchNormFunction.apply(x, weight, bias, args)  # type: ignore[no-untyped-call]
+    return out

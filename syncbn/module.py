@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _ops
-from ._activation import apply_activation, check_activation, check_residual
+from ._activation import KERNEL_ACTIVATIONS, apply_activation, check_activation, check_residual
 from ._debug import LayerCheck
 from .comm import CommSpec, Communicator, LocalCommunicator, get_communicator
-from .function import LayerArgs, sync_batch_norm
+from .function import LayerArgs, needs_grad, normalize_with_running_stats, sync_batch_norm
 
 __all__ = ["BatchNorm", "SyncBatchNorm"]
 
@@ -138,6 +138,10 @@ class SyncBatchNorm(_BatchNorm):
         if name == "process_group":
             # a new group invalidates the resolved communicator
             self.__dict__["_comm"] = None
+        elif name == "activation":
+            check_activation(value, 0.0)
+        elif name == "negative_slope":
+            check_activation(None, value)
         super().__setattr__(name, value)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -150,7 +154,10 @@ class SyncBatchNorm(_BatchNorm):
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch leaves Module.__setstate__ unannotated
         super().__setstate__(state)  # type: ignore[no-untyped-call]
-        if "_shift_tensor" not in self.__dict__:  # pickled by an earlier version: a NumPy shift
+        # pickled by an earlier version: no activation, a NumPy shift
+        self.__dict__.setdefault("activation", None)
+        self.__dict__.setdefault("negative_slope", 0.01)
+        if "_shift_tensor" not in self.__dict__:
             self._shift_tensor = torch.from_numpy(self._shift)
         # a copy's view must be of its own tensor (copied apart, they share no memory)
         self._shift = self._shift_tensor.numpy()
@@ -199,13 +206,6 @@ class SyncBatchNorm(_BatchNorm):
         self._check_input(input)
         if residual is not None:
             check_residual("SyncBatchNorm", input, residual)
-        out = self._batch_norm(input, checked)
-        if residual is None and self.activation is None:
-            return out
-        z = out if residual is None else out + residual
-        return apply_activation(z, self.activation, self.negative_slope)
-
-    def _batch_norm(self, input: torch.Tensor, checked: Communicator | None) -> torch.Tensor:
         # The decisions of torch.nn.modules.batchnorm._BatchNorm.forward.
         params, buffers = self._parameters, self._buffers
         weight, bias = self._member(params, "weight"), self._member(params, "bias")
@@ -213,35 +213,62 @@ class SyncBatchNorm(_BatchNorm):
         running_var = self._member(buffers, "running_var")
         bn_training = self.training or (running_mean is None and running_var is None)
         if not bn_training:
-            return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, self.eps)
+            fused = residual is not None or self.activation is not None
+            if fused and not torch.compiler.is_compiling() and not needs_grad(input, weight, bias, residual):
+                activation = KERNEL_ACTIVATIONS[self.activation]
+                return normalize_with_running_stats(
+                    input,
+                    running_mean,
+                    running_var,
+                    weight,
+                    bias,
+                    self.eps,
+                    residual,
+                    activation,
+                    self.negative_slope,
+                )
+            out = F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, self.eps)
+            return self._activate(out, residual)
         if torch.compiler.is_compiling() and not self.debug:
-            return self._traced_forward(input, weight, bias)
+            # (the compiler fuses the add and the activation itself)
+            return self._activate(self._traced_forward(input, weight, bias), residual)
+        activation = KERNEL_ACTIVATIONS[self.activation]
         if not self.training:
             # Batch statistics in eval (track_running_stats=False) stay local,
             # like torch.nn.SyncBatchNorm's; a scratch shift keeps the shared
             # one identical across ranks.
-            return sync_batch_norm(
-                input,
-                weight,
-                bias,
-                LayerArgs(None, None, None, self._shift.copy(), self.eps, self.momentum, _LOCAL),
-            )
-        tracking = self.track_running_stats
-        comm = checked if checked is not None else self.communicator
-        return sync_batch_norm(
-            input,
-            weight,
-            bias,
-            LayerArgs(
-                running_mean if tracking else None,
-                running_var if tracking else None,
-                self._member(buffers, "num_batches_tracked") if tracking else None,
-                self._shift,
+            local = LayerArgs(
+                None,
+                None,
+                None,
+                self._shift.copy(),
                 self.eps,
                 self.momentum,
-                comm,
-            ),
+                _LOCAL,
+                activation,
+                self.negative_slope,
+            )
+            return sync_batch_norm(input, weight, bias, local, residual)
+        tracking = self.track_running_stats
+        comm = checked if checked is not None else self.communicator
+        args = LayerArgs(
+            running_mean if tracking else None,
+            running_var if tracking else None,
+            self._member(buffers, "num_batches_tracked") if tracking else None,
+            self._shift,
+            self.eps,
+            self.momentum,
+            comm,
+            activation,
+            self.negative_slope,
         )
+        return sync_batch_norm(input, weight, bias, args, residual)
+
+    def _activate(self, out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """``activation(out + residual)`` with torch's functions."""
+        if residual is not None:
+            out = out + residual
+        return apply_activation(out, self.activation, self.negative_slope)
 
     def _traced_forward(
         self, input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
@@ -280,12 +307,12 @@ class SyncBatchNorm(_BatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(
-        cls, module: torch.nn.Module, process_group: CommSpec = None
+        cls, module: torch.nn.Module, process_group: CommSpec = None, **kwargs: Any
     ) -> torch.nn.Module:
-        """See :func:`syncbn.convert_sync_batchnorm`."""
+        """See :func:`syncbn.convert_sync_batchnorm` (``fuse=`` and ``subclasses=`` included)."""
         from .convert import convert_sync_batchnorm
 
-        return convert_sync_batchnorm(module, process_group)
+        return convert_sync_batchnorm(module, process_group, **kwargs)
 
 
 _LOCAL = LocalCommunicator()

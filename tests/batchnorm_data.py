@@ -7,8 +7,11 @@ single-process tests and by the multi-process worker alike.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def batch(shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype,
@@ -30,3 +33,18 @@ def set_random_affine(layer: nn.Module, seed: int) -> None:
         with torch.no_grad():
             layer.weight.copy_(torch.rand(layer.num_features, generator=gen, dtype=torch.float64) + 0.5)
             layer.bias.copy_(torch.randn(layer.num_features, generator=gen, dtype=torch.float64))
+
+
+# What a fused layer's activation must equal: torch's own functions.
+REFERENCE_ACTIVATIONS: dict[Optional[str], Callable[[torch.Tensor, float], torch.Tensor]] = {
+    None: lambda z, slope: z,
+    "relu": lambda z, slope: F.relu(z),
+    "relu6": lambda z, slope: F.relu6(z),
+    "leaky_relu": F.leaky_relu,
+    "silu": lambda z, slope: F.silu(z),
+}
+
+
+def apply_activation(z: torch.Tensor, activation: Optional[str], negative_slope: float) -> torch.Tensor:
+    """The reference ``activation(z)``, torch's function."""
+    return REFERENCE_ACTIVATIONS[activation](z, negative_slope)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from batchnorm_data import batch, set_random_affine
+from batchnorm_data import apply_activation, batch, set_random_affine
 from rank_output import say
 import syncbn
 from syncbn.comm import MPICommunicator, SharedMemoryCommunicator, TorchCommunicator
@@ -231,7 +231,8 @@ def global_batch(gen: torch.Generator, n: int, layout: str,
 
 def case_batchnorm(ctx: Context, name: str, sizes: list[int], layout: str, dtype: torch.dtype,
                    spec: str = "default", momentum: Optional[float] = 0.1,
-                   affine: bool = True) -> Checker:
+                   affine: bool = True, activation: Optional[str] = None,
+                   negative_slope: float = 0.01, residual: bool = False) -> Checker:
     """The layer on this rank's shard against plain BatchNorm on the group's whole batch.
 
     ``sizes[r]``: samples of world rank r. With ``spec="subgroup"`` the group
@@ -241,6 +242,10 @@ def case_batchnorm(ctx: Context, name: str, sizes: list[int], layout: str, dtype
     reference's gradient is the SUM over the group's ranks of the local
     gradients (what DDP does up to its 1/world_size averaging); that sum is
     what is compared.
+
+    With ``activation`` / ``residual``, the layer is the fused
+    ``activation(bn(x) + residual)`` and the reference torch's composition of
+    those steps; the residual's gradient is compared too.
     """
     chk = Checker()
     members = [r for r in range(ctx.size) if spec != "subgroup" or r // 2 == ctx.rank // 2]
@@ -254,8 +259,13 @@ def case_batchnorm(ctx: Context, name: str, sizes: list[int], layout: str, dtype
     ndim = len(LAYOUTS[layout][0]) + 1
 
     layer = syncbn.SyncBatchNorm(C, momentum=momentum, affine=affine, dtype=dtype,
-                                 process_group=ctx.spec(spec))
+                                 process_group=ctx.spec(spec), activation=activation,
+                                 negative_slope=negative_slope)
     ref = REF_CLS[ndim](C, momentum=momentum, affine=affine, dtype=dtype)
+
+    def composed(bn: nn.Module, x: torch.Tensor, r: Optional[torch.Tensor]) -> torch.Tensor:
+        return apply_activation(bn(x) if r is None else bn(x) + r, activation, negative_slope)
+
     set_random_affine(layer, _seed(name))  # the same on every rank
     ref.load_state_dict(layer.state_dict())
     comm_cls, comm_size = ctx.expected_comm(spec)
@@ -268,12 +278,17 @@ def case_batchnorm(ctx: Context, name: str, sizes: list[int], layout: str, dtype
         xw, gw = global_batch(gen, offsets[-1], layout, dtype)
         x_group, g_group = xw[group_index].contiguous(memory_format=fmt), gw[group_index]
         x = xw[world_rows].clone().contiguous(memory_format=fmt).requires_grad_()
-        y = layer(x)
+        rw = global_batch(gen, offsets[-1], layout, dtype)[0] if residual else None
+        r = None if rw is None else rw[world_rows].clone().requires_grad_()
+        y = layer(x) if r is None else layer(x, r)
         (y * gw[world_rows]).sum().backward()
 
         xr = x_group.clone().requires_grad_()
-        yr = ref(xr)
+        rr = None if rw is None else rw[group_index].clone().requires_grad_()
+        yr = composed(ref, xr, rr)
         (yr * g_group).sum().backward()
+        if r is not None:
+            chk.close(f"step {step} residual grad", r.grad, rr.grad[group_rows], tol)
 
         chk.close(f"step {step} output", y, yr[group_rows], tol)
         # (an empty shard's memory format is test_module.py's concern)
@@ -296,7 +311,8 @@ def case_batchnorm(ctx: Context, name: str, sizes: list[int], layout: str, dtype
             if x.numel() // C >= 2:
                 plain = REF_CLS[ndim](C, momentum=momentum, affine=affine, dtype=dtype)
                 plain.load_state_dict(ref.state_dict())
-                chk.differs("(plain BN on the shard)", plain(x.detach()), yr[group_rows], 1e-3)
+                chk.differs("(plain BN on the shard)", composed(plain, x.detach(), r),
+                            yr[group_rows], 1e-3)
             if spec == "subgroup":
                 world_ref = REF_CLS[ndim](C, affine=affine, dtype=dtype)
                 world_ref.load_state_dict(ref.state_dict())
@@ -312,8 +328,13 @@ def case_batchnorm(ctx: Context, name: str, sizes: list[int], layout: str, dtype
     # eval: running statistics, no communication
     layer.eval()
     ref.eval()
-    xw, _ = global_batch(gen, offsets[-1], layout, dtype)
-    chk.close("eval output", layer(xw[world_rows]), ref(xw[group_index])[group_rows], tol)
+    xw, rw = global_batch(gen, offsets[-1], layout, dtype)
+    if residual:
+        chk.close("eval output", layer(xw[world_rows], rw[world_rows]),
+                  composed(ref, xw[group_index], rw[group_index])[group_rows], tol)
+    else:
+        chk.close("eval output", layer(xw[world_rows]),
+                  composed(ref, xw[group_index], None)[group_rows], tol)
     chk.check("collectives in eval", layer.communicator.calls == 2 * STEPS,
               f"{layer.communicator.calls} (expected {2 * STEPS})")
     return chk
@@ -634,6 +655,16 @@ COMMON_BN_CASES: dict[str, tuple[list[int], str, torch.dtype, str, dict[str, Any
                                          {"momentum": None}),
     "subgroup_nchw_f64": ([3, 1, 2, 4], "nchw", f64, "subgroup", {}),
     "subgroup_channels_last_f32": ([2, 3, 1, 2], "channels_last", f32, "subgroup", {}),
+    # activation(bn(x) + residual) in one layer
+    "fused_relu_residual_nchw_f32": ([2, 3, 2, 1], "nchw", f32, "default",
+                                     {"activation": "relu", "residual": True}),
+    "fused_silu_channels_last_f64": ([3, 1, 2, 4], "channels_last", f64, "default",
+                                     {"activation": "silu", "momentum": None}),
+    "fused_relu6_residual_5d_f32": ([1, 2, 2, 3], "5d", f32, "default",
+                                    {"activation": "relu6", "residual": True}),
+    "fused_leaky_negative_empty_shard_2d_f64": ([2, 2, 0, 3], "2d", f64, "default",
+                                                {"activation": "leaky_relu", "negative_slope": -0.5,
+                                                 "residual": True}),
 }
 BN_CASES = {
     "mpi": {**COMMON_BN_CASES,
