@@ -13,6 +13,10 @@ any synchronized batch norm must do (every rank meets the others twice per
 layer per step), with no statistics computed or exchanged, so a synchronized
 layer is read against it rather than against zero.
 
+``no BN`` is the network without batch norm (the identity in its place):
+not a contender but the bound of what any batch norm, fused or not, can
+save in a step.
+
 ``syncbn fused`` is ``syncbn`` converted with ``fuse=True``: the activation
 (and residual add) after a batch norm runs inside the layer. The networks
 use functional relu/relu6 and trace with torch.fx, so it is a
@@ -33,7 +37,7 @@ import syncbn
 from syncbn import Communicator
 
 __all__ = ["EXPECTED_FUSED", "MODES", "LockstepBatchNorm2d", "Mode", "add_lockstep_floor", "build_contenders",
-           "count_fused", "fairscale_sync_bn", "replace_batchnorms", "syncbn_fused"]
+           "count_fused", "fairscale_sync_bn", "replace_batchnorms", "syncbn_fused", "without_batchnorm"]
 
 
 class _Lockstep(torch.autograd.Function):
@@ -106,6 +110,20 @@ def _unchanged(model: nn.Module) -> nn.Module:
     return model
 
 
+def without_batchnorm(model: nn.Module) -> nn.Module:
+    """The ``no BN`` bound: every BatchNorm2d replaced by the identity (the
+    activations and residual adds stay torch's). What is left of the step is
+    what no batch norm, fused or not, can make faster."""
+    return replace_batchnorms(model, lambda bn: _Identity())
+
+
+class _Identity(nn.Identity):
+    """nn.Identity that takes (and ignores) the state_dict of the layer it replaces."""
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        pass
+
+
 def syncbn_fused(model: nn.Module) -> nn.Module:
     """The ``syncbn fused`` contender: syncbn.convert_sync_batchnorm(model, fuse=True)."""
     return syncbn.convert_sync_batchnorm(model, fuse=True)
@@ -132,6 +150,7 @@ MODES: dict[str, Mode] = {
     "syncbn": Mode(syncbn.convert_sync_batchnorm, "syncbn.convert_sync_batchnorm, default communicator"),
     "syncbn fused": Mode(syncbn_fused, "the same with fuse=True: activation and residual add inside the layer"),
     "fairscale": Mode(fairscale_sync_bn, "fairscale.experimental.nn.SyncBatchNorm"),
+    "no BN": Mode(without_batchnorm, "no batch norm at all (identity): the bound of what a BN can save"),
 }
 
 

@@ -59,6 +59,7 @@ RATIOS: dict[str, tuple[str, str]] = {
     "fused/torch": ("syncbn fused", "torch"),
     "fused/floor": ("syncbn fused", "floor"),
     "fairscale/syncbn": ("fairscale", "syncbn"),
+    "no BN/torch": ("no BN", "torch"),
     "A/A": ("torch (A/A)", "torch"),
 }
 
@@ -225,6 +226,17 @@ def evaluate_targets(settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]
     for n in ("resnet20", "mobilenet_v2"):
         v = ratio("torchrun2", n, "fairscale/syncbn")
         out.append(_target(f"torchrun2: fairscale/syncbn on {n} >= 2.5", v, v is not None and v >= 2.5))
+    fused = [ratio("local", n, "fused/torch") for n in NETWORKS]
+    gm = geomean(fused) if all(v is not None for v in fused) else None  # type: ignore[arg-type]
+    out.append(_target("1 process: fused/torch, geometric mean over the 3 networks <= 0.90", gm,
+                       gm is not None and gm <= 0.90))
+    for n in NETWORKS:
+        v = ratio("local", n, "fused/torch")
+        out.append(_target(f"1 process: fused/torch on {n} <= 0.95", v, v is not None and v <= 0.95))
+    for setting in ("mpirun2", "torchrun2"):
+        for n in NETWORKS:
+            v = ratio(setting, n, "fused/floor")
+            out.append(_target(f"{setting}: fused/floor on {n} < 1", v, v is not None and v < 1.0))
     return out
 
 

@@ -102,7 +102,7 @@ def test_quick_run_writes_every_contender_ratio_and_chart(tmp_path: Path) -> Non
         for entry in (net["contenders"][m] for m in ran):
             assert entry["median_s"] > 0 and len(entry["samples_s"]) == 1
         assert set(net["ratios"]) == {"syncbn/torch", "floor/torch", "syncbn/floor", "fused/torch", "fused/floor",
-                                      "fairscale/syncbn", "A/A"}
+                                      "fairscale/syncbn", "no BN/torch", "A/A"}
         assert net["ratios"]["A/A"] > 0 and isinstance(net["too_noisy"], bool)
         # the floor met the other ranks twice per batch norm per step, and so
         # did syncbn, but for the one process alone, which has no one to meet
