@@ -10,7 +10,7 @@ Those are C11/GCC atomics, so the protocol holds on weakly ordered CPUs
 """
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
 
 cdef extern from *:
     """
@@ -41,6 +41,14 @@ cdef extern from *:
 # rank that is not, when there are more ranks than cores.
 cdef enum:
     SPINS = 200
+# Then sched_yield between checks for this long; a wait that lasts longer is
+# one for a rank that is computing or in a network collective (the leader
+# of a host, in two levels across hosts). sched_yield keeps the waiter
+# runnable, so with more ranks than cores it would still take turns on the
+# core the others need: past this point the waiter sleeps between checks,
+# which costs a wait of this length at most a sleep's wake-up more.
+cdef double YIELD_SECONDS = 200e-6
+cdef long SLEEP_NANOSECONDS = 20000
 
 
 cdef inline double _now() noexcept nogil:
@@ -80,8 +88,11 @@ def allreduce(int64_t[::1] flags, double[:, :, ::1] data, Py_ssize_t rank, int64
     cdef Py_ssize_t stride = data.shape[2]
     cdef double *out = &buf[0] if n else NULL
     cdef double *row
-    cdef double deadline = 0.0
+    cdef double deadline = 0.0, start, now, sleep_after = 0.0
+    cdef timespec nap
     cdef bint arrived = True
+    nap.tv_sec = 0
+    nap.tv_nsec = SLEEP_NANOSECONDS
     with nogil:
         if n:
             memcpy(slot + rank * stride, out, n * sizeof(double))
@@ -93,10 +104,17 @@ def allreduce(int64_t[::1] flags, double[:, :, ::1] data, Py_ssize_t rank, int64
                 continue
             if spins == SPINS:
                 spins += 1
-                deadline = _now() + timeout
-            elif _now() > deadline:
-                arrived = False
-                break
+                start = _now()
+                deadline = start + timeout
+                sleep_after = start + YIELD_SECONDS
+            else:
+                now = _now()
+                if now > deadline:
+                    arrived = False
+                    break
+                if now > sleep_after:
+                    nanosleep(&nap, NULL)  # off the core until the others are done
+                    continue
             sched_yield()  # let a rank that shares this core run
         if arrived and n:
             memcpy(out, slot, n * sizeof(double))
