@@ -381,17 +381,23 @@ cdef int _check_fused_forward(cnp.ndarray x, object out, object residual, int ac
 cdef int _check_fused_backward(cnp.ndarray dy, object x, int activation, object saved,
                                object grad_preact) except -1:
     """Check the activation, saved and grad_preact of backward_reduce and local_backward."""
+    # (no loop over a tuple of the two: building it costs as much as the
+    # rest of a call on a small tensor)
     _check_activation(activation)
     if activation == _ACT_NONE:
-        for name, v in (("saved", saved), ("grad_preact", grad_preact)):
-            if v is not None:
-                raise ValueError(f"{name}: expected None with ACT_NONE, where dz is dy "
-                                 f"(got {_describe(v)})")
+        if saved is not None:
+            raise ValueError(f"saved: expected None with ACT_NONE, where dz is dy "
+                             f"(got {_describe(saved)})")
+        if grad_preact is not None:
+            raise ValueError(f"grad_preact: expected None with ACT_NONE, where dz is dy "
+                             f"(got {_describe(grad_preact)})")
         return 0
-    for name, v, writeable in (("saved", saved, False), ("grad_preact", grad_preact, True)):
-        if v is None:
-            raise ValueError(f"{name}: expected an array like dy with an activation (got None)")
-        _check_same(name, v, "dy", dy, writeable)
+    if saved is None:
+        raise ValueError("saved: expected an array like dy with an activation (got None)")
+    if grad_preact is None:
+        raise ValueError("grad_preact: expected an array like dy with an activation (got None)")
+    _check_same("saved", saved, "dy", dy)
+    _check_same("grad_preact", grad_preact, "dy", dy, True)
     if _same_start(grad_preact, x):
         raise ValueError("grad_preact: expected an array apart from x, which the pass "
                          "reads after writing dz (got x itself)")
