@@ -1,13 +1,19 @@
-"""Build of the compiled core, syncbn._kernels and syncbn._shm (everything else is in pyproject.toml).
+"""Build of the compiled core (everything else is in pyproject.toml): the kernels,
+one extension syncbn._kernels_<variant> per variant, all from syncbn/_kernels_body.pxi;
+syncbn._cpu, what the loader (syncbn/_variants.py) needs to choose one; and syncbn._shm.
 
 Environment variables:
   SYNCBN_NO_OPENMP=1     build without OpenMP (kernels run single-threaded)
   SYNCBN_CYTHON_CHECKS=1 keep Cython's bounds and wraparound checks (a memory-safety build)
-  SYNCBN_MARCH=...       value for -march (default "native" when the compiler takes it;
-                         set SYNCBN_MARCH= (empty) for a portable build, e.g. a wheel)
+  SYNCBN_MARCH=...       unset: the portable build, the variants "generic" (no -march) and,
+                         on x86-64, "x86-64-v3" and "x86-64-v4" when the compiler takes them,
+                         chosen at import by the CPU's features; set: one variant named after
+                         the -march value (say "native"), or "generic" when empty or refused
   SYNCBN_VEC_REPORT=1    print gcc's vectorization report (-fopt-info-vec-optimized)
 """
+import glob
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -66,9 +72,21 @@ if _compiles_and_runs(REASSOC, "int main(void){return 0;}"):
     compile_args += REASSOC
 link_args: list[str] = []
 
-march = os.environ.get("SYNCBN_MARCH", "native").strip()
-if march and _compiles_and_runs([f"-march={march}"], "int main(void){return 0;}"):
-    compile_args.append(f"-march={march}")
+
+def _takes_march(march: str) -> bool:
+    """Whether the compiler takes -march=`march` (whatever CPU builds: a login node may
+    be older than the nodes that run the code, and the probe executes nothing of it)."""
+    return _compiles_and_runs([f"-march={march}"], "int main(void){return 0;}")
+
+
+# (variant, its -march or None), baseline first, best last: the order of preference.
+GENERIC = "generic"
+if "SYNCBN_MARCH" not in os.environ:
+    variants = [(GENERIC, None)] + [(level, level) for level in ("x86-64-v3", "x86-64-v4")
+                                    if _takes_march(level)]
+else:
+    march = os.environ["SYNCBN_MARCH"].strip()
+    variants = [(march, march) if march and _takes_march(march) else (GENERIC, None)]
 
 if _flag("SYNCBN_NO_OPENMP"):
     openmp = "off (SYNCBN_NO_OPENMP)"
@@ -94,9 +112,9 @@ directives = {
     "embedsignature": True,
 }
 
-print(f"syncbn build: OpenMP {openmp}; compile {' '.join(compile_args)}; "
-      f"link {' '.join(link_args) or '-'}; Cython checks {'on' if checks else 'off'}",
-      file=sys.stderr)
+print(f"syncbn build: kernel variants {', '.join(v for v, _ in variants)}; OpenMP {openmp}; "
+      f"compile {' '.join(compile_args)}; link {' '.join(link_args) or '-'}; "
+      f"Cython checks {'on' if checks else 'off'}", file=sys.stderr)
 
 
 def _c_string(text: str) -> str:
@@ -104,19 +122,58 @@ def _c_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-# The flags are compiled into the extension (syncbn.build_info() reads them
+def _module(variant: str) -> str:
+    """The extension of a variant (syncbn/_variants.py's module_name)."""
+    return "_kernels_" + re.sub(r"\W", "_", variant)
+
+
+# Each variant's .pyx is one line that includes the shared body, generated
+# here (under build/, so never shipped nor committed) since the module name,
+# which Cython compiles into the extension, differs per variant.
+VARIANT_DIR = os.path.join("build", "kernel-variants")
+
+
+def _variant_source(variant: str) -> str:
+    path = os.path.join(VARIANT_DIR, _module(variant) + ".pyx")
+    text = (f'"""syncbn\'s kernels, variant {variant} (see syncbn/_kernels.py)."""\n'
+            f'include "_kernels_body.pxi"\n')
+    os.makedirs(VARIANT_DIR, exist_ok=True)
+    try:
+        with open(path) as f:
+            same = f.read() == text
+    except OSError:
+        same = False
+    if not same:    # rewritten only when it changes, so cythonize's dates stay meaningful
+        with open(path, "w") as f:
+            f.write(text)
+    return path
+
+
+# The flags are compiled into each extension (syncbn.build_info() reads them
 # from there), so what it reports is what built it, never a stale record.
-ext = Extension(
-    "syncbn._kernels",
-    ["syncbn/_kernels.pyx"],
-    include_dirs=[numpy.get_include()],
-    define_macros=macros + [("SYNCBN_BUILD_CFLAGS", _c_string(" ".join(compile_args)))],
-    extra_compile_args=compile_args,
-    extra_link_args=link_args,
+kernel_exts = [
+    Extension(
+        f"syncbn.{_module(variant)}",
+        [_variant_source(variant)],
+        include_dirs=[numpy.get_include()],
+        define_macros=macros + [("SYNCBN_BUILD_CFLAGS", _c_string(" ".join(flags))),
+                                ("SYNCBN_KERNEL_VARIANT", _c_string(variant))],
+        extra_compile_args=flags,
+        extra_link_args=link_args,
+    )
+    for variant, march in variants
+    for flags in [compile_args + ([f"-march={march}"] if march else [])]
+]
+# Built without -march, whatever the kernels get: the loader imports it first.
+cpu_ext = Extension(
+    "syncbn._cpu",
+    ["syncbn/_cpu.pyx"],
+    define_macros=[("SYNCBN_KERNEL_VARIANTS", _c_string(" ".join(v for v, _ in variants)))],
+    extra_compile_args=["-O2"],
 )
-# The shared-memory allreduce: no OpenMP, and no reassociation, since its
-# contract is the sum in rank order (the same bits on every rank, and those
-# of a plain left-to-right sum).
+# The shared-memory allreduce: no OpenMP, no -march (it is loaded on every
+# CPU), and no reassociation, since its contract is the sum in rank order
+# (the same bits on every rank, and those of a plain left-to-right sum).
 shm_ext = Extension(
     "syncbn._shm",
     ["syncbn/_shm.pyx"],
@@ -128,7 +185,7 @@ shm_ext = Extension(
 # dates alone would keep a stale build (say, one without OpenMP, or with the
 # Cython checks, after switching back): rebuild whenever the configuration of
 # the last build differs.
-CONFIG = repr((compile_args, link_args, macros, sorted(directives.items())))
+CONFIG = repr((variants, compile_args, link_args, macros, sorted(directives.items())))
 STAMP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build",
                      "syncbn-build-config.txt")
 
@@ -151,12 +208,27 @@ class BuildExt(build_ext):
         if changed:
             self.force = True
         super().run()
+        self._remove_stale_kernels()
         os.makedirs(os.path.dirname(STAMP), exist_ok=True)
         with open(STAMP, "w") as f:
             f.write(CONFIG)
 
 
-setup(ext_modules=cythonize([ext, shm_ext], compiler_directives=directives,
+    def _remove_stale_kernels(self) -> None:
+        """Remove the kernel extensions of other builds from where these went (an
+        in-place build's syncbn/): syncbn._kernels.*.so of the builds before the
+        variants would shadow the loader syncbn/_kernels.py, and other variants'
+        would be dead weight (the loader loads only the variants of this build)."""
+        suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+        built = {os.path.abspath(self.get_ext_fullpath(e.name)) for e in kernel_exts}
+        where = os.path.dirname(next(iter(built)))
+        for path in glob.glob(os.path.join(where, "_kernels*" + suffix)):
+            if os.path.abspath(path) not in built:
+                os.remove(path)
+
+
+setup(ext_modules=cythonize([*kernel_exts, cpu_ext, shm_ext], compiler_directives=directives,
+                            include_path=["syncbn"],
                             # a changed directive must regenerate the C file
                             force=changed),
       cmdclass={"build_ext": BuildExt})

@@ -1,19 +1,17 @@
 """syncbn.build_info(): how the installed syncbn was built.
 
-Everything but the version is read from the compiled extension itself
-(macros that setup.py and the compiler put into syncbn._kernels), so it
-describes the binary that is loaded, not a record that could go stale.
+Everything but the version and the reason for the kernel variant is read
+from the compiled extensions themselves (macros that setup.py and the
+compiler put into syncbn._kernels and syncbn._cpu), so it describes the
+binaries that are loaded, not a record that could go stale.
 """
 
 from __future__ import annotations
 
 from typing import TypedDict
 
-from . import _kernels
+from . import _cpu, _kernels, _variants
 from ._version import __version__
-
-# The name of the kernel variant built without any -march flag.
-GENERIC_VARIANT = "generic"
 
 
 class BuildInfo(TypedDict):
@@ -26,6 +24,8 @@ class BuildInfo(TypedDict):
     openmp: bool
     cython_checks: bool
     kernel_variant: str
+    kernel_variants: list[str]
+    kernel_choice: str
 
 
 def _march(flags: str) -> str | None:
@@ -44,15 +44,23 @@ def build_info() -> BuildInfo:
       macros name it (for example ``"gcc 12.2.0"``).
     - ``compile_flags`` (str): the flags ``setup.py`` passed for the kernels
       (optimization, ``-march``, ``-fopenmp``, ...), after Python's own.
-    - ``march`` (str or None): the ``-march`` value among them; None for a
-      build without one (``SYNCBN_MARCH=`` empty, or a compiler that refused it).
+    - ``march`` (str or None): the ``-march`` value among them; None for the
+      ``"generic"`` variant, built without one.
     - ``openmp`` (bool): whether the kernels were compiled with OpenMP
       (off with ``SYNCBN_NO_OPENMP=1`` or when ``-fopenmp`` does not work).
     - ``cython_checks`` (bool): whether this is the memory-safety build with
       Cython's bounds and wraparound checks (``SYNCBN_CYTHON_CHECKS=1``).
-    - ``kernel_variant`` (str): the kernels in use. A build holds one
-      variant, named after its ``-march`` value (``"native"`` by default),
-      or ``"generic"`` when built without ``-march``.
+    - ``kernel_variant`` (str): the variant of the kernels in use, whose
+      flags the keys above describe: ``"generic"`` (built without
+      ``-march``), ``"x86-64-v3"`` or ``"x86-64-v4"`` (the portable build's
+      vector variants), or the ``SYNCBN_MARCH`` value of a one-variant build
+      (``"native"``, say).
+    - ``kernel_variants`` (list of str): the variants this build holds,
+      baseline first, best last (the portable build: ``"generic"`` and the
+      x86-64 levels the compiler took; a ``SYNCBN_MARCH`` build: one).
+    - ``kernel_choice`` (str): why ``kernel_variant`` was loaded: the best
+      one this CPU supports (and what the better ones need that it lacks),
+      the only one built, or ``SYNCBN_KERNELS=...``.
 
     Examples::
 
@@ -60,13 +68,14 @@ def build_info() -> BuildInfo:
         >>> print(info["kernel_variant"], info["openmp"], info["compile_flags"])
     """
     flags = _kernels.build_flags()
-    march = _march(flags)
     return BuildInfo(
         version=__version__,
         compiler=_kernels.build_compiler(),
         compile_flags=flags,
-        march=march,
+        march=_march(flags),
         openmp=_kernels.openmp_enabled(),
         cython_checks=_kernels.cython_checks_enabled(),
-        kernel_variant=GENERIC_VARIANT if march is None else march,
+        kernel_variant=_kernels.build_variant(),
+        kernel_variants=list(_cpu.kernel_variants()),
+        kernel_choice=_variants.CHOICE.reason,
     )

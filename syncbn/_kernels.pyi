@@ -1,4 +1,5 @@
-"""Typed stub of the compiled module syncbn._kernels (see _kernels.pyx).
+"""Typed stub of the compiled kernels, syncbn._kernels: the extension of the
+variant syncbn/_kernels.py loads (see _kernels_body.pxi and _variants.py).
 
 Data arrays are C-contiguous, aligned float32 or float64 numpy arrays in
 native byte order, of shape (N, C, L) (channels-first) or (M, C) (rows: 2-D
@@ -200,3 +201,6 @@ def build_flags() -> str:
 
 def build_compiler() -> str:
     """The compiler that built this extension, as its own macros name it."""
+
+def build_variant() -> str:
+    """The variant of the kernels this extension is (setup.py's name for its -march)."""

@@ -307,7 +307,7 @@ def test_one_and_two_threads_agree(dtype: type, shape: tuple[int, ...], layout: 
 THREAD_COUNT_SCRIPT = """
 import importlib.util, os, sys
 import numpy as np
-spec = importlib.util.spec_from_file_location("syncbn._kernels", sys.argv[1])
+spec = importlib.util.spec_from_file_location(sys.argv[4], sys.argv[1])
 K = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(K)
 kernel, n = sys.argv[2], int(sys.argv[3])
@@ -338,8 +338,10 @@ def test_a_second_thread_starts_at_the_grain(kernel: str) -> None:
     assert threads_used(kernel, np.empty((1, 1, first - 1)), 2) == 1
     assert threads_used(kernel, np.empty((1, 1, first)), 2) == 2
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    # (the extension of the variant loaded, under its own name: syncbn._kernels_<variant>)
     proc = subprocess.run([sys.executable, "-c", THREAD_COUNT_SCRIPT, K.__file__, kernel,
-                           str(first)], capture_output=True, text=True, timeout=120, env=env)
+                           str(first), K.__name__], capture_output=True, text=True, timeout=120,
+                          env=env)
     assert proc.returncode == 0, proc.stderr
     start, below, at = map(int, proc.stdout.split())
     assert (below - start, at - start) == (0, 1), \

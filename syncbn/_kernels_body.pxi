@@ -1,4 +1,7 @@
-# cython: language_level=3
+# The body of the kernels, syncbn._kernels: setup.py compiles it once per
+# variant (a tiny generated syncbn._kernels_<variant>.pyx includes it, built
+# with that variant's -march) and syncbn/_kernels.py loads the best variant the
+# CPU runs (see syncbn/_variants.py).
 """Per-channel kernels of synchronized batch normalization.
 
 Two memory layouts, so that no input ever needs a transposed copy:
@@ -2354,6 +2357,9 @@ cdef extern from *:
     #ifndef SYNCBN_BUILD_CFLAGS
     #define SYNCBN_BUILD_CFLAGS "unknown (built without setup.py)"
     #endif
+    #ifndef SYNCBN_KERNEL_VARIANT
+    #define SYNCBN_KERNEL_VARIANT "unknown (built without setup.py)"
+    #endif
     #if defined(__clang__)
     #define SYNCBN_BUILD_COMPILER "clang " __clang_version__
     #elif defined(__GNUC__)
@@ -2366,6 +2372,7 @@ cdef extern from *:
     """
     const char* SYNCBN_BUILD_CFLAGS
     const char* SYNCBN_BUILD_COMPILER
+    const char* SYNCBN_KERNEL_VARIANT
 
 
 def build_flags() -> str:
@@ -2376,3 +2383,8 @@ def build_flags() -> str:
 def build_compiler() -> str:
     """The compiler that built this extension, as its own macros name it."""
     return SYNCBN_BUILD_COMPILER.decode("utf-8")
+
+
+def build_variant() -> str:
+    """The variant of the kernels this extension is (setup.py's name for its -march)."""
+    return SYNCBN_KERNEL_VARIANT.decode("utf-8")
