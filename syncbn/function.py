@@ -506,12 +506,13 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return _backward(ctx, grad_out)
 
 
-class SyncBatchNormActFunction(torch.autograd.Function):
+class SyncBatchNormActFunction(SyncBatchNormFunction):
     """:class:`SyncBatchNormFunction` followed by ``+ residual`` and the
-    activation ``args.activation``, in the same kernel passes."""
+    activation ``args.activation``, in the same kernel passes. The backward
+    is inherited: it tells the two apart by the number of inputs."""
 
     @staticmethod
-    def forward(
+    def forward(  # type: ignore[override]
         ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor | None,
@@ -522,12 +523,6 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         forward = _forward(x, weight, bias, args, residual)
         _save(ctx, forward, x, weight, bias, args)
         return forward.output
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            return _backward_once(ctx, grad_out)
-        return _backward(ctx, grad_out)
 
 
 def needs_grad(
