@@ -217,8 +217,14 @@ class _Converter:
         return out
 
 
-def _to_sync(layer: _BatchNorm, process_group: CommSpec) -> SyncBatchNorm:
-    # syncbn.BatchNorm keeps its activation
+def _synchronized(
+    layer: _BatchNorm,
+    process_group: CommSpec,
+    activation: str | None,
+    negative_slope: float,
+    debug: bool = False,
+) -> SyncBatchNorm:
+    """A SyncBatchNorm with ``layer``'s configuration, parameters, buffers and hooks."""
     out = SyncBatchNorm(
         layer.num_features,
         layer.eps,
@@ -226,11 +232,19 @@ def _to_sync(layer: _BatchNorm, process_group: CommSpec) -> SyncBatchNorm:
         layer.affine,
         layer.track_running_stats,
         process_group,
-        activation=layer.activation if isinstance(layer, BatchNorm) else None,
-        negative_slope=layer.negative_slope if isinstance(layer, BatchNorm) else 0.01,
+        debug=debug,
+        activation=activation,
+        negative_slope=negative_slope,
     )
     _copy_state(layer, out)
     return out
+
+
+def _to_sync(layer: _BatchNorm, process_group: CommSpec) -> SyncBatchNorm:
+    # syncbn.BatchNorm keeps its activation
+    if isinstance(layer, BatchNorm):
+        return _synchronized(layer, process_group, layer.activation, layer.negative_slope)
+    return _synchronized(layer, process_group, None, 0.01)
 
 
 def convert_sync_batchnorm(
@@ -543,19 +557,9 @@ def _fusable(layer: nn.Module | None, occurrences: Counter[int]) -> bool:
 
 
 def _fused(layer: SyncBatchNorm, activation: Activation) -> SyncBatchNorm:
-    out = SyncBatchNorm(
-        layer.num_features,
-        layer.eps,
-        layer.momentum,
-        layer.affine,
-        layer.track_running_stats,
-        layer.process_group,
-        debug=layer.debug,
-        activation=activation.name,
-        negative_slope=activation.negative_slope,
+    return _synchronized(
+        layer, layer.process_group, activation.name, activation.negative_slope, debug=layer.debug
     )
-    _copy_state(layer, out)
-    return out
 
 
 def _plain_sequential(module: nn.Module) -> bool:
