@@ -33,8 +33,6 @@ import gc
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +46,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from _jobs import find_launcher, run_json_job
+from _provenance import cpu_name, git_state
 from _bench_worker import (PEERS, SHAPES, GLOO_PEER, LAYER_ONLY, Budget, Shape, Sync, bench_steps, make_batch,
                            make_layer, time_round_robin, train_step)
 import syncbn  # importable now: _bench_worker puts the checkout on sys.path if needed
@@ -589,23 +588,6 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _git_state() -> str:
-    """The checkout measured: commit, and whether the working tree differed from it."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 # glibc's malloc serves a large block from a fresh mmap unless an earlier free
 # raised its adaptive threshold above the block's size, and gives trimmed heap
 # top back to the OS; either way every 4 KiB of a fresh output then costs a
@@ -628,10 +610,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     start = time.perf_counter()
     meta: dict[str, Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-        "syncbn": syncbn.__version__, "cpu": _cpu_name(), "cores": os.cpu_count(),
+        "syncbn": syncbn.__version__, "cpu": cpu_name(), "cores": os.cpu_count(),
         "rounds": budget.rounds, "block_s": budget.block_s, "warmup": budget.warmup, "quick": args.quick,
         "load_before": os.getloadavg()[0], "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git": _git_state(),
+        "git": git_state(),
         "malloc": " ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ) or "glibc defaults",
     }
     settings: dict[str, dict[str, Any]] = {"local": run_local(budget, not args.no_progress)}

@@ -49,6 +49,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
+from _provenance import cpu_name, git_state
+
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_hosts_worker.py"
 AA_TOLERANCE = 0.03
@@ -659,23 +661,6 @@ def render_model(doc: dict[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------- main
 
 
-def _git_state() -> str:
-    """The checkout measured: commit, and whether the working tree differed from it."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def _torch_version() -> str:
     # this process never imports torch or syncbn: the ranks import the checkout's
     from importlib.metadata import PackageNotFoundError, version
@@ -688,7 +673,7 @@ def _torch_version() -> str:
 
 def _meta(args: argparse.Namespace) -> dict[str, Any]:
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": _torch_version(),
-            "cpu": _cpu_name(), "cores": os.cpu_count(), "git": _git_state(), "delay_us": args.delay_us,
+            "cpu": cpu_name(), "cores": os.cpu_count(), "git": git_state(), "delay_us": args.delay_us,
             "rounds": args.rounds, "calls": args.calls, "net_rounds": args.net_rounds, "warmup": args.warmup,
             "batch": args.batch, "quick": args.quick, "load_before": list(os.getloadavg()),
             "command": " ".join([Path(sys.executable).name, *sys.argv])}

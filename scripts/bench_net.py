@@ -39,8 +39,9 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 
-from bench import MALLOC_ENV, MPIEXEC_OPTIONS, _cpu_name, _git_state, _table, geomean
+from bench import MALLOC_ENV, MPIEXEC_OPTIONS, _table, geomean
 from _jobs import find_launcher, run_json_job
+from _provenance import cpu_name, git_state
 from _net_modes import MODES
 from networks import NETWORKS
 
@@ -391,7 +392,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     start = time.perf_counter()
     meta: dict[str, Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-        "cpu": _cpu_name(), "cores": os.cpu_count(), "git": _git_state(), "rounds": args.rounds,
+        "cpu": cpu_name(), "cores": os.cpu_count(), "git": git_state(), "rounds": args.rounds,
         "warmup": args.warmup, "threads": args.threads, "channels_last": args.channels_last, "compile": args.compile, "quick": args.quick,
         "batch": args.batch, "load_before": os.getloadavg()[0],
         "command": " ".join([Path(sys.executable).name, *sys.argv])}
