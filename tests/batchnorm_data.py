@@ -13,6 +13,39 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from syncbn.comm import Communicator
+
+# channels: few, so that every test stays small
+C = 3
+
+# name: (input shape, reference class, memory format)
+LAYOUTS = {
+    "2d": ((6, C), nn.BatchNorm1d, torch.contiguous_format),
+    "3d": ((4, C, 5), nn.BatchNorm1d, torch.contiguous_format),
+    "4d": ((4, C, 5, 6), nn.BatchNorm2d, torch.contiguous_format),
+    "5d": ((3, C, 2, 4, 5), nn.BatchNorm3d, torch.contiguous_format),
+    "channels_last": ((4, C, 5, 6), nn.BatchNorm2d, torch.channels_last),
+    "channels_last_3d": ((3, C, 2, 4, 5), nn.BatchNorm3d, torch.channels_last_3d),
+}
+
+# a synchronized layer against torch's batch norm, in the same dtype
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+}
+
+
+class PartnerWithoutSamples(Communicator):
+    """Two ranks, the other one with an empty batch: its contribution to every
+    sum is zero, so the allreduce leaves the buffer as it is; but the layer
+    takes the synchronized path, one collective per pass."""
+
+    name = "partner-without-samples"
+    _size = 2
+
+    def _allreduce(self, buf: torch.Tensor) -> None:
+        pass
+
 
 def batch(shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype,
           memory_format: torch.memory_format = torch.contiguous_format,

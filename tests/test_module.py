@@ -17,26 +17,11 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from batchnorm_data import batch, set_random_affine
+from batchnorm_data import C, LAYOUTS, TOL, PartnerWithoutSamples, batch, set_random_affine
 import syncbn
 from syncbn.comm import Communicator, LocalCommunicator
 
-C = 3
 
-# name: (input shape, reference class, memory format)
-LAYOUTS = {
-    "2d": ((6, C), nn.BatchNorm1d, torch.contiguous_format),
-    "3d": ((4, C, 5), nn.BatchNorm1d, torch.contiguous_format),
-    "4d": ((4, C, 5, 6), nn.BatchNorm2d, torch.contiguous_format),
-    "5d": ((3, C, 2, 4, 5), nn.BatchNorm3d, torch.contiguous_format),
-    "channels_last": ((4, C, 5, 6), nn.BatchNorm2d, torch.channels_last),
-    "channels_last_3d": ((3, C, 2, 4, 5), nn.BatchNorm3d, torch.channels_last_3d),
-}
-
-TOL = {
-    torch.float64: dict(atol=1e-10, rtol=1e-10),
-    torch.float32: dict(atol=2e-5, rtol=2e-5),
-}
 # float16 / bfloat16 against a float32 reference
 LOOSE_TOL = {
     torch.float16: dict(atol=1e-2, rtol=1e-2),
@@ -101,18 +86,6 @@ def _run_and_compare(
         ref.zero_grad(set_to_none=True)
     _assert_close(ours.num_batches_tracked, ref.num_batches_tracked, "num_batches_tracked",
                   dict(atol=0, rtol=0))
-
-
-class PartnerWithoutSamples(Communicator):
-    """Two ranks, the other one with an empty batch: its contribution to every
-    sum is zero, so the allreduce leaves the buffer as it is; but the layer
-    takes the synchronized path, one collective per pass."""
-
-    name = "partner-without-samples"
-    _size = 2
-
-    def _allreduce(self, buf: torch.Tensor) -> None:
-        pass
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.3, None], ids=lambda m: f"momentum={m}")
