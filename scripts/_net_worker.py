@@ -38,7 +38,8 @@ except ModuleNotFoundError:  # a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import syncbn
 
-from _net_modes import EXPECTED_FUSED, MODES, build_contenders, count_fused
+from syncbn.comm import LocalCommunicator  # (after the import above found the checkout)
+from _net_modes import EXPECTED_FUSED, MODES, LockstepBatchNorm2d, build_contenders, count_fused
 from networks import NETWORKS
 
 LEARNING_RATE = 0.01
@@ -46,7 +47,10 @@ MOMENTUM = 0.9
 # the per-layer benchmark: shapes of batch norms in the networks above
 LAYER_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (8, 16, 32, 32), (8, 32, 16, 16), (8, 64, 8, 8), (8, 96, 8, 8), (8, 1280, 4, 4), (2, 64, 56, 56))
-LAYER_CONTENDERS = ("torch", "torch (A/A)", "syncbn")
+LAYER_CONTENDERS = ("torch", "torch (A/A)", "floor", "syncbn")
+# --cold: between timed calls, a convolution of the size the networks run
+# (8 images of 32 channels at 32x32), as a network's layer finds the caches
+EVICTING_CONV = (32, 8, 32)  # channels, images, height = width
 
 
 class Clock(NamedTuple):
@@ -204,21 +208,42 @@ def _communicator_of(module: nn.Module) -> Optional[syncbn.Communicator]:
 # ----------------------------------------------------------------------------- one layer alone
 
 
-def time_layers(rounds: int, warmup: int, say: Callable[[str], None]) -> dict[str, Any]:
+def _evictor() -> Callable[[], None]:
+    """What --cold runs between timed calls: a convolution like the networks', which leaves the
+    data and instruction caches and the branch predictors as a layer in a network finds them."""
+    channels, images, size = EVICTING_CONV
+    conv = nn.Conv2d(channels, channels, 3, padding=1)
+    x = torch.randn(images, channels, size, size)
+
+    def evict() -> None:
+        with torch.no_grad():
+            conv(x)
+    return evict
+
+
+def time_layers(rounds: int, warmup: int, say: Callable[[str], None], cold: bool = False) -> dict[str, Any]:
     """Forward and backward times of syncbn.SyncBatchNorm vs torch.nn.BatchNorm2d, thread CPU time.
 
     Forward is ``y = layer(x)`` (graph creation included), backward
-    ``y.backward(g)`` with a fixed ``g``. A measurement is a block of ``k``
-    forwards, then the ``k`` backwards of their outputs, per call.
+    ``y.backward(g)`` with a fixed ``g``. Warm (the default), a measurement
+    is a block of ``k`` forwards, then the ``k`` backwards of their outputs,
+    per call: the caches hold the layer's code and data. ``cold``: one call
+    at a time, each after a convolution (untimed) that evicts them, as in a
+    network. ``floor`` is torch's layer inside a ``torch.autograd.Function``
+    that does nothing: what a layer written as a Python Function pays
+    before it computes anything.
     """
     out: dict[str, Any] = {}
+    evict = _evictor() if cold else None
     for shape in LAYER_SHAPES:
         gen = torch.Generator().manual_seed(0)
         x = (torch.randn(shape, generator=gen) * 2.0 + 0.5).requires_grad_()
         g = torch.randn(shape, generator=gen)
         layers: dict[str, nn.Module] = {
             "torch": nn.BatchNorm2d(shape[1]), "torch (A/A)": nn.BatchNorm2d(shape[1]),
+            "floor": LockstepBatchNorm2d(shape[1], LocalCommunicator()),
             "syncbn": syncbn.SyncBatchNorm(shape[1], process_group="local")}
+        assert tuple(layers) == LAYER_CONTENDERS
         per_block = max(1, min(50, 1_000_000 // x.numel()))  # about a millisecond of forwards at 1 ns per value
 
         def block(layer: nn.Module) -> tuple[float, float]:
@@ -232,16 +257,31 @@ def time_layers(rounds: int, warmup: int, say: Callable[[str], None]) -> dict[st
             end = time.thread_time_ns()
             return (middle - start) * 1e-9 / per_block, (end - middle) * 1e-9 / per_block
 
+        def cold_call(layer: nn.Module) -> tuple[float, float]:
+            assert evict is not None
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            evict()
+            start = time.thread_time_ns()
+            y = layer(x)
+            middle = time.thread_time_ns()
+            evict()
+            resume = time.thread_time_ns()
+            y.backward(g)
+            end = time.thread_time_ns()
+            return (middle - start) * 1e-9, (end - resume) * 1e-9
+
+        measure = cold_call if cold else block
         for _ in range(warmup):
             for layer in layers.values():
-                block(layer)
+                measure(layer)
         forward: dict[str, list[float]] = {n: [] for n in layers}
         backward: dict[str, list[float]] = {n: [] for n in layers}
         names = list(layers)
         for r in range(rounds):
             for k in range(len(names)):
                 name = names[(r + k) % len(names)]
-                f, b = block(layers[name])
+                f, b = measure(layers[name])
                 forward[name].append(f)
                 backward[name].append(b)
         key = "x".join(map(str, shape))
@@ -270,6 +310,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, required=True)
     p.add_argument("--warmup", type=int, required=True)
     p.add_argument("--layers", action="store_true", help="time single layers instead of networks")
+    p.add_argument("--cold", action="store_true", help="--layers: one call at a time, caches evicted before each")
     return p.parse_args(argv)
 
 
@@ -280,7 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.layers:
         say = lambda line: print(f"[{args.label}] {line}", file=sys.stderr, flush=True)  # noqa: E731
         doc: dict[str, Any] = {"status": "ok", "clock": THREAD_CPU.name, "threads": args.threads,
-                               "layers": time_layers(args.rounds, args.warmup, say)}
+                               "cold": args.cold, "layers": time_layers(args.rounds, args.warmup, say, args.cold)}
         doc["wall_s"] = time.perf_counter() - wall
         args.result.write_text(json.dumps(doc))
         return

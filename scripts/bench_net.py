@@ -5,6 +5,7 @@
     python scripts/bench_net.py --settings local,torchrun2,mpirun2
     python scripts/bench_net.py --quick                          # smoke run
     python scripts/bench_net.py --layers                         # one layer alone, forward and backward
+    python scripts/bench_net.py --layers --cold                  # the same, caches evicted before each call
 
 What is timed is what a data-parallel user waits for: one training step
 (forward, cross-entropy, backward, SGD step) of ResNet-20 and MobileNetV2
@@ -106,6 +107,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="few rounds, small batches: a smoke test")
     p.add_argument("--layers", action="store_true",
                    help="time syncbn.SyncBatchNorm vs torch.nn.BatchNorm2d alone (1 process) instead")
+    p.add_argument("--cold", action="store_true",
+                   help="with --layers: one call at a time, each after a convolution that evicts the caches "
+                        "(as in a network) instead of back-to-back calls")
     p.add_argument("--tuned-malloc", action="store_true",
                    help="also run every setting with bench.py's MALLOC_ENV (an extra beside the headline)")
     p.add_argument("--out", type=Path, default=Path("bench-out/net"), help="output folder (default: bench-out/net)")
@@ -114,6 +118,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     unknown = [n for n in args.networks if n not in NETWORKS]
     if unknown or not args.networks:
         p.error(f"--networks: expected names from {', '.join(NETWORKS)} (got {', '.join(unknown) or 'none'})")
+    if args.cold and not args.layers:
+        p.error("--cold: expected it with --layers (it times single layers), got it without")
     if args.rounds is None:
         args.rounds = 2 if args.quick else 30 if args.layers else 15
     if args.warmup is None:
@@ -343,22 +349,26 @@ LAYER_TARGETS = {"forward_s": 0.70, "backward_s": 1.00}
 def render_layers(doc: dict[str, Any]) -> str:
     rows, targets = [], []
     for shape, res in doc["layers"].items():
-        t, aa, s = res["torch"], res["torch (A/A)"], res["syncbn"]
+        t, aa, floor, s = res["torch"], res["torch (A/A)"], res["floor"], res["syncbn"]
         cells = [shape]
         for part, limit in LAYER_TARGETS.items():
             ratio = s[part] / t[part]
-            cells += [f"{t[part] * 1e6:.1f}", f"{s[part] * 1e6:.1f}", f"{ratio:.3f}", f"{aa[part] / t[part]:.3f}"]
+            cells += [f"{t[part] * 1e6:.1f}", f"{s[part] * 1e6:.1f}", f"{ratio:.3f}",
+                      f"{floor[part] / t[part]:.3f}", f"{aa[part] / t[part]:.3f}"]
             targets.append(_target(f"{shape} {part[:-2]}: syncbn/torch <= {limit:.2f}", ratio, ratio <= limit))
         rows.append(cells)
     noisy = [f"{shape} {part[:-2]}" for shape, res in doc["layers"].items() for part in LAYER_TARGETS
              if abs(res["torch (A/A)"][part] / res["torch"][part] - 1) > AA_TOLERANCE]
     doc["targets"] = targets
+    how = ("cold: one call at a time, each after a convolution that evicts the caches, as in a network"
+           if doc.get("cold") else "warm: blocks of back-to-back calls")
     out = ["# syncbn.SyncBatchNorm vs torch.nn.BatchNorm2d alone (1 process, 1 thread, float32, training)", "",
            f"{doc['meta']['date']}, syncbn at {doc['meta']['git']}, clock: {doc['clock']}, "
-           f"{doc['meta']['rounds']} rounds, medians per call. forward: y = layer(x) (graph creation "
-           "included); backward: y.backward(g), g fixed.", "",
-           _table(["shape", "torch fwd us", "syncbn fwd us", "fwd syncbn/torch", "fwd A/A",
-                   "torch bwd us", "syncbn bwd us", "bwd syncbn/torch", "bwd A/A"], rows), ""]
+           f"{doc['meta']['rounds']} rounds, medians per call, {how}. forward: y = layer(x) (graph creation "
+           "included); backward: y.backward(g), g fixed. floor: torch's layer inside a Python "
+           "autograd.Function that does nothing (what any layer written as one pays).", "",
+           _table(["shape", "torch fwd us", "syncbn fwd us", "fwd syncbn/torch", "fwd floor/torch", "fwd A/A",
+                   "torch bwd us", "syncbn bwd us", "bwd syncbn/torch", "bwd floor/torch", "bwd A/A"], rows), ""]
     if noisy:
         out += [f"**Too noisy to judge** (A/A off by more than {AA_TOLERANCE:.0%}): " + ", ".join(noisy) + ".", ""]
     out += ["## Targets", "", _table(["target", "measured", "verdict"],
@@ -370,7 +380,8 @@ def run_layers(args: argparse.Namespace, meta: dict[str, Any], start: float) -> 
     """The per-layer mode: one process, one thread (thread CPU time would miss the work of any other)."""
     res = run_setting(Setting("local", "local", 1), "layers",
                       ["--rounds", str(args.rounds), "--warmup", str(args.warmup), "--threads", "1",
-                       "--launcher", "local", "--layers"], worker_env(1, False), timeout=900)
+                       "--launcher", "local", "--layers", *(["--cold"] if args.cold else [])],
+                      worker_env(1, False), timeout=900)
     doc = {"meta": meta, **res}
     if res.get("status") != "ok":
         print(f"[layers] {res.get('status')}", file=sys.stderr)

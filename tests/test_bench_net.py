@@ -119,15 +119,24 @@ def test_quick_run_writes_every_contender_ratio_and_chart(tmp_path: Path) -> Non
     assert "resnet20: syncbn fused: 19 of 21 batch norms fused" in proc.stderr
 
 
-def test_layers_mode_reports_forward_and_backward(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cold", [False, True], ids=["warm", "cold"])
+def test_layers_mode_reports_forward_and_backward(tmp_path: Path, cold: bool) -> None:
     out = tmp_path / "layers"
-    proc = _run(["--layers", "--quick", "--rounds", "1", "--out", str(out)], timeout=200)
+    proc = _run(["--layers", "--quick", "--rounds", "1", "--out", str(out), *(["--cold"] if cold else [])],
+                timeout=200)
     doc = json.loads((out / "layers.json").read_text())
+    assert doc["cold"] is cold
     assert len(doc["layers"]) == 6
     for res in doc["layers"].values():
-        assert set(res) == {"torch", "torch (A/A)", "syncbn"}
+        assert set(res) == {"torch", "torch (A/A)", "floor", "syncbn"}
         assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in res.values())
     assert len(doc["targets"]) == 12 and "## Targets" in proc.stdout
+    assert ("cold: one call at a time" in proc.stdout) is cold
+
+
+def test_cold_needs_layers() -> None:
+    proc = subprocess.run([sys.executable, str(BENCH_NET), "--cold"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "--cold: expected it with --layers" in proc.stderr
 
 
 def test_bad_settings_are_refused() -> None:
