@@ -21,7 +21,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["KERNEL_DTYPES", "KernelInput", "KernelLayout", "KernelTensor", "kernel_input", "kernel_view"]
+__all__ = [
+    "KERNEL_DTYPES",
+    "KernelInput",
+    "KernelLayout",
+    "KernelTensor",
+    "LayerArrays",
+    "kernel_input",
+    "kernel_view",
+]
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
 """The dtypes the kernels take directly; float16 / bfloat16 go through float32."""
@@ -157,3 +165,51 @@ def kernel_view(t: torch.Tensor, layout: KernelLayout, dtype: torch.dtype) -> np
         else:
             view.reshape(layout.shape)[...] = a
     return view
+
+
+class _ArrayOf:
+    """A NumPy view of one tensor, and what says it still views that tensor's memory."""
+
+    __slots__ = ("array", "data_ptr", "dtype", "numel", "tensor")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.data_ptr = tensor.data_ptr()
+        self.dtype = tensor.dtype
+        self.numel = tensor.numel()
+        self.array: np.ndarray = tensor.numpy(force=True)
+
+
+class LayerArrays:
+    """NumPy views of one layer's own float32 / float64 tensors (parameters,
+    running statistics, batch counter), made once and reused from call to call.
+
+    ``Tensor.numpy()`` is among the dearer steps of a call on small tensors
+    (about 1.5 us with warm caches, 10 us with the cold caches a layer in a
+    network finds), and a layer's tensors keep their memory from call to call:
+    the optimizer and the running-statistics update write in place. A view is
+    reused while the tensor is the same object with the same data pointer,
+    dtype and size; a new tensor under the name, an assignment to ``.data``,
+    ``set_``, ``resize_`` or a dtype conversion makes a new one. (A kept view
+    holds the old memory alive, so no new memory can appear at its address.)
+    The views are of this process's memory: a copy of the layer (deepcopy,
+    pickle) starts with none.
+    """
+
+    __slots__ = ("_views",)
+
+    def __init__(self) -> None:
+        self._views: dict[str, _ArrayOf] = {}
+
+    def of(self, name: str, t: torch.Tensor) -> np.ndarray:
+        """The view of ``t`` (a float32 / float64 / int64 CPU tensor), the layer's tensor ``name``."""
+        view = self._views.get(name)
+        if (
+            view is None
+            or view.tensor is not t
+            or view.data_ptr != t.data_ptr()
+            or view.dtype != t.dtype
+            or view.numel != t.numel()
+        ):
+            view = self._views[name] = _ArrayOf(t)
+        return view.array

@@ -23,7 +23,15 @@ from torch.autograd.function import once_differentiable
 from torch.autograd.graph import increment_version
 
 from . import _kernels
-from ._views import KERNEL_DTYPES, KernelInput, KernelLayout, KernelTensor, kernel_input, kernel_view
+from ._views import (
+    KERNEL_DTYPES,
+    KernelInput,
+    KernelLayout,
+    KernelTensor,
+    LayerArrays,
+    kernel_input,
+    kernel_view,
+)
 from .comm import Communicator
 
 __all__ = [
@@ -51,6 +59,8 @@ class LayerArgs(NamedTuple):
     comm: Communicator
     activation: int = 0  # a kernel activation code (_kernels.ACT_*), applied after the residual
     negative_slope: float = 0.01  # of leaky_relu
+    # the layer's kept views of its parameters and buffers; None: views made per call
+    arrays: LayerArrays | None = None
 
 
 class BatchStatistics(NamedTuple):
@@ -74,6 +84,13 @@ def _param(t: torch.Tensor | None) -> np.ndarray | None:
     return t.detach().to(torch.float64).numpy()
 
 
+def _layer_param(args: LayerArgs, name: str, t: torch.Tensor | None) -> np.ndarray | None:
+    """:func:`_param` of the layer's tensor ``name``, through its kept views when it has them."""
+    if t is None or args.arrays is None or t.dtype not in KERNEL_DTYPES:
+        return _param(t)
+    return args.arrays.of(name, t)
+
+
 class _RunningViews(NamedTuple):
     """The running statistics as ``finish_stats`` updates them."""
 
@@ -88,10 +105,16 @@ def _running_views(args: LayerArgs) -> _RunningViews | None:
     or None: no update."""
     if args.running_mean is None or args.running_var is None:
         return None
-    mean, var = _param(args.running_mean), _param(args.running_var)
+    mean = _layer_param(args, "running_mean", args.running_mean)
+    var = _layer_param(args, "running_var", args.running_var)
     assert mean is not None and var is not None
     batches = args.num_batches_tracked
-    return _RunningViews(mean, var, None if batches is None else batches.numpy())
+    if batches is None:
+        return _RunningViews(mean, var, None)
+    arrays = args.arrays
+    return _RunningViews(
+        mean, var, batches.numpy() if arrays is None else arrays.of("num_batches_tracked", batches)
+    )
 
 
 def _running_done(args: LayerArgs, views: _RunningViews) -> None:
@@ -211,7 +234,7 @@ def _forward(
     if args.comm.size == 1 and not kx.layout.rows:
         return _forward_alone(x, kx, weight, bias, args, num_threads, residual)
     statistics = batch_statistics(kx.array, args, num_threads)
-    weight_view = _param(weight)
+    weight_view = _layer_param(args, "weight", weight)
     stats = statistics.stats
     if stats is None:
         return _Forward(torch.empty_like(x), kx.tensor, kx.array, kx.layout, statistics, weight_view)
@@ -222,7 +245,7 @@ def _forward(
         stats[MEAN],
         stats[INVSTD],
         weight_view,
-        _param(bias),
+        _layer_param(args, "bias", bias),
         out.array,
         num_threads,
         **fused.kwargs,
@@ -247,7 +270,7 @@ def _forward_alone(
     C = args.shift.shape[0]
     count = float(kx.array.size // C) if C else 0.0
     _check_count(count, kx.array)
-    weight_view = _param(weight)
+    weight_view = _layer_param(args, "weight", weight)
     if count == 0:
         return _Forward(
             torch.empty_like(x), kx.tensor, kx.array, kx.layout, BatchStatistics(0.0, None), weight_view
@@ -259,7 +282,7 @@ def _forward_alone(
     _kernels.local_forward(
         kx.array,
         weight_view,
-        _param(bias),
+        _layer_param(args, "bias", bias),
         args.eps,
         out.array,
         stats,
@@ -560,8 +583,31 @@ def sync_batch_norm(
     out: torch.Tensor
     if not needs_grad(x, weight, bias, residual):
         return _forward(x, weight, bias, args, residual).output
-    if fused:
-        out = SyncBatchNormActFunction.apply(x, weight, bias, residual, args)  # type: ignore[no-untyped-call]
+    if torch._C._are_functorch_transforms_active():
+        # (Function.apply explains that these functions do not support vmap and grad)
+        if fused:
+            out = SyncBatchNormActFunction.apply(x, weight, bias, residual, args)  # type: ignore[no-untyped-call]
+        else:
+            out = SyncBatchNormFunction.apply(x, weight, bias, args)  # type: ignore[no-untyped-call]
+    elif fused:
+        out = _APPLY_ACT(x, weight, bias, residual, args)
     else:
-        out = SyncBatchNormFunction.apply(x, weight, bias, args)  # type: ignore[no-untyped-call]
+        out = _APPLY(x, weight, bias, args)
     return out
+
+
+def _recording_apply(function: type[torch.autograd.Function]) -> Any:
+    """``function.apply`` without its Python wrapper: autograd's own C++
+    ``apply``, which runs the forward and records the backward node.
+
+    The wrapper's work (binding default arguments for ``setup_context``,
+    which these functions do not define; routing functorch transforms, which
+    the caller does) is not needed here, and on the per-call path it costs:
+    a cold call through it (caches evicted by the layer before, as in a
+    network) measured about 40 us more than the direct one.
+    """
+    return super(torch.autograd.Function, function).apply  # type: ignore[misc]
+
+
+_APPLY = _recording_apply(SyncBatchNormFunction)
+_APPLY_ACT = _recording_apply(SyncBatchNormActFunction)

@@ -12,6 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import _ops
 from ._activation import KERNEL_ACTIVATIONS, apply_activation, check_activation, check_residual
 from ._debug import LayerCheck
+from ._views import LayerArrays
 from .comm import CommSpec, Communicator, LocalCommunicator, get_communicator
 from .function import LayerArgs, needs_grad, normalize_with_running_stats, sync_batch_norm
 
@@ -121,6 +122,8 @@ class SyncBatchNorm(_BatchNorm):
         self._shift = self._shift_tensor.numpy()  # the eager path's view (the same memory)
         # names this layer's communicator in the compiled path's operators (_ops.py)
         self._op_key = _ops.register(self)
+        # the kernels' views of the parameters and buffers, kept between calls
+        self._arrays = LayerArrays()
         if debug is None:
             debug = os.environ.get("SYNCBN_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
         self.debug = debug
@@ -149,6 +152,7 @@ class SyncBatchNorm(_BatchNorm):
         # torch leaves Module.__getstate__ unannotated
         state: dict[str, Any] = super().__getstate__()  # type: ignore[no-untyped-call]
         state["_comm"] = None
+        state["_arrays"] = None  # views of this process's memory
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -162,6 +166,7 @@ class SyncBatchNorm(_BatchNorm):
         # a copy's view must be of its own tensor (copied apart, they share no memory)
         self._shift = self._shift_tensor.numpy()
         self._op_key = _ops.register(self)  # a copy is a new layer: its own key
+        self._arrays = LayerArrays()
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -176,14 +181,17 @@ class SyncBatchNorm(_BatchNorm):
         # input, so they come before the first allreduce; a rank that alone
         # gets a bad input then leaves the others waiting in it unless debug
         # mode (which compares the ranks first) or the launcher ends the job.
-        self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
+        # (each torch attribute costs on the per-call path: each is read once)
+        shape = input.shape
+        if len(shape) < 2:
+            self._check_input_dim(input)
+        if shape[1] != self.num_features:
             raise ValueError(
                 f"SyncBatchNorm: expected input with {self.num_features} channels "
-                f"(num_features) in dimension 1 (got {input.shape[1]}, input shape "
-                f"{list(input.shape)})"
+                f"(num_features) in dimension 1 (got {shape[1]}, input shape "
+                f"{list(shape)})"
             )
-        if not input.is_floating_point():
+        if not input.dtype.is_floating_point:
             raise TypeError(
                 "SyncBatchNorm: expected a floating-point input (float32, float64, "
                 f"float16 or bfloat16) (got {input.dtype})"
@@ -199,7 +207,8 @@ class SyncBatchNorm(_BatchNorm):
         table when it is there (Module.__getattr__ costs on the forward path);
         through getattr when something (a parametrization, weight norm) has
         taken it out."""
-        return table[name] if name in table else getattr(self, name)
+        found = table.get(name, _ABSENT)
+        return getattr(self, name) if found is _ABSENT else found
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         checked = self._check.enter(self, input) if self.debug else None
@@ -261,6 +270,7 @@ class SyncBatchNorm(_BatchNorm):
             comm,
             activation,
             self.negative_slope,
+            self._arrays,
         )
         return sync_batch_norm(input, weight, bias, args, residual)
 
@@ -316,6 +326,7 @@ class SyncBatchNorm(_BatchNorm):
 
 
 _LOCAL = LocalCommunicator()
+_ABSENT = object()  # (not in a module's table)
 
 
 def _activation_repr(layer: SyncBatchNorm | BatchNorm) -> str:

@@ -547,3 +547,25 @@ def test_communicator_interface_is_used() -> None:
     x = torch.randn(4, C, 5, requires_grad=True)
     layer(x).sum().backward()
     assert comm.sizes == [2 * C + 1, 2 * C]
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_functorch_transforms_are_refused_clearly(transform: str) -> None:
+    """Training calls go straight to autograd's C++ apply, except under a
+    functorch transform, where Function.apply's own error must still come
+    (rather than a batched or differentiated call computed wrongly)."""
+    layer = syncbn.SyncBatchNorm(C, process_group="local")
+    x = torch.randn(2, 4, C, 5)
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        if transform == "vmap":
+            torch.func.vmap(layer)(x)
+        else:
+            torch.func.grad(lambda t: layer(t).sum())(x[0])
+
+
+def test_training_call_records_the_backward_node() -> None:
+    for layer, name in ((syncbn.SyncBatchNorm(C, process_group="local"), "SyncBatchNormFunctionBackward"),
+                        (syncbn.SyncBatchNorm(C, process_group="local", activation="relu"),
+                         "SyncBatchNormActFunctionBackward")):
+        y = layer(torch.randn(4, C, 5, requires_grad=True))
+        assert type(y.grad_fn).__name__ == name
