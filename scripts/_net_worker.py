@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -38,7 +39,8 @@ except ModuleNotFoundError:  # a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import syncbn
 
-from syncbn.comm import LocalCommunicator  # (after the import above found the checkout)
+from syncbn import _kernels  # (after the import above found the checkout)
+from syncbn.comm import LocalCommunicator
 from _net_modes import EXPECTED_FUSED, MODES, LockstepBatchNorm2d, build_contenders, count_fused
 from networks import NETWORKS
 
@@ -47,7 +49,7 @@ MOMENTUM = 0.9
 # the per-layer benchmark: shapes of batch norms in the networks above
 LAYER_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (8, 16, 32, 32), (8, 32, 16, 16), (8, 64, 8, 8), (8, 96, 8, 8), (8, 1280, 4, 4), (2, 64, 56, 56))
-LAYER_CONTENDERS = ("torch", "torch (A/A)", "floor", "syncbn")
+LAYER_CONTENDERS = ("torch", "torch (A/A)", "floor", "syncbn", "empty Function", "kernels alone")
 # --cold: between timed calls, a convolution of the size the networks run
 # (8 images of 32 channels at 32x32), as a network's layer finds the caches
 EVICTING_CONV = (32, 8, 32)  # channels, images, height = width
@@ -221,6 +223,69 @@ def _evictor() -> Callable[[], None]:
     return evict
 
 
+class _Empty(torch.autograd.Function):
+    """What a batch norm written as a Python autograd.Function must do at least: allocate the
+    output, and in the backward the three gradients; nothing is computed."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, weight = ctx.saved_tensors
+        return torch.empty_like(grad), torch.empty_like(weight), torch.empty_like(weight)
+
+
+# (as syncbn applies its Function: autograd's C++ apply, without the Python wrapper)
+_APPLY_EMPTY = super(torch.autograd.Function, _Empty).apply  # type: ignore[misc]
+
+
+class EmptyFunctionLayer(nn.Module):
+    """The cheapest possible batch-norm layer written as a Python autograd.Function (a module
+    with weight and bias whose Function computes nothing): the floor of syncbn's per-call cost
+    before its kernels run."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _APPLY_EMPTY(x, self.weight, self.bias)
+        return out
+
+
+class KernelsAlone:
+    """syncbn's compiled kernels of a 1-process training call alone: ``local_forward`` and
+    ``local_backward`` (the whole computation of syncbn's forward and backward on a
+    channels-first float32 input); no module, no autograd. The inputs and parameters are
+    prepared once; the output and the input gradient are new arrays every call, as a layer's are
+    (writing to memory just allocated costs more than to a buffer used again)."""
+
+    def __init__(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        N, C = x.shape[0], x.shape[1]
+        self.x = x.detach().numpy().reshape(N, C, -1)
+        self.g = g.numpy().reshape(N, C, -1)
+        self.weight, self.bias = np.ones(C, np.float32), np.zeros(C, np.float32)
+        self.grad_weight, self.grad_bias = np.empty(C, np.float32), np.empty(C, np.float32)
+        self.running_mean, self.running_var = np.zeros(C, np.float32), np.ones(C, np.float32)
+        self.stats, self.shift = np.empty((3, C)), np.zeros(C)
+
+    def forward(self) -> np.ndarray:
+        out = np.empty_like(self.x)
+        _kernels.local_forward(
+            self.x, self.weight, self.bias, 1e-5, out, self.stats, next_shift=self.shift,
+            running_mean=self.running_mean, running_var=self.running_var, factor=0.1, num_threads=1)
+        return out
+
+    def backward(self) -> None:
+        _kernels.local_backward(
+            self.g, self.x, self.stats[0], self.stats[1], self.weight, np.empty_like(self.x), self.grad_weight,
+            self.grad_bias, 1)
+
+
 def time_layers(rounds: int, warmup: int, say: Callable[[str], None], cold: bool = False) -> dict[str, Any]:
     """Forward and backward times of syncbn.SyncBatchNorm vs torch.nn.BatchNorm2d, thread CPU time.
 
@@ -231,7 +296,10 @@ def time_layers(rounds: int, warmup: int, say: Callable[[str], None], cold: bool
     at a time, each after a convolution (untimed) that evicts them, as in a
     network. ``floor`` is torch's layer inside a ``torch.autograd.Function``
     that does nothing: what a layer written as a Python Function pays
-    before it computes anything.
+    before it computes anything. ``empty Function`` (:class:`EmptyFunctionLayer`)
+    and ``kernels alone`` (:class:`KernelsAlone`) split syncbn's time: the
+    Function's own cost, and the computation; what syncbn takes beyond
+    their sum is its Python glue.
     """
     out: dict[str, Any] = {}
     evict = _evictor() if cold else None
@@ -242,8 +310,10 @@ def time_layers(rounds: int, warmup: int, say: Callable[[str], None], cold: bool
         layers: dict[str, nn.Module] = {
             "torch": nn.BatchNorm2d(shape[1]), "torch (A/A)": nn.BatchNorm2d(shape[1]),
             "floor": LockstepBatchNorm2d(shape[1], LocalCommunicator()),
-            "syncbn": syncbn.SyncBatchNorm(shape[1], process_group="local")}
-        assert tuple(layers) == LAYER_CONTENDERS
+            "syncbn": syncbn.SyncBatchNorm(shape[1], process_group="local"),
+            "empty Function": EmptyFunctionLayer(shape[1])}
+        kernels = KernelsAlone(x, g)
+        assert (*layers, "kernels alone") == LAYER_CONTENDERS
         per_block = max(1, min(50, 1_000_000 // x.numel()))  # about a millisecond of forwards at 1 ns per value
 
         def block(layer: nn.Module) -> tuple[float, float]:
@@ -256,6 +326,28 @@ def time_layers(rounds: int, warmup: int, say: Callable[[str], None], cold: bool
                 y.backward(g)
             end = time.thread_time_ns()
             return (middle - start) * 1e-9 / per_block, (end - middle) * 1e-9 / per_block
+
+        def kernels_block() -> tuple[float, float]:
+            # (the outputs stay alive until the backward, as the layers' do)
+            start = time.thread_time_ns()
+            outs = [kernels.forward() for _ in range(per_block)]
+            middle = time.thread_time_ns()
+            for _ in outs:
+                kernels.backward()
+            end = time.thread_time_ns()
+            return (middle - start) * 1e-9 / per_block, (end - middle) * 1e-9 / per_block
+
+        def kernels_cold() -> tuple[float, float]:
+            assert evict is not None
+            evict()
+            start = time.thread_time_ns()
+            kernels.forward()
+            middle = time.thread_time_ns()
+            evict()
+            resume = time.thread_time_ns()
+            kernels.backward()
+            end = time.thread_time_ns()
+            return (middle - start) * 1e-9, (end - resume) * 1e-9
 
         def cold_call(layer: nn.Module) -> tuple[float, float]:
             assert evict is not None
@@ -271,17 +363,22 @@ def time_layers(rounds: int, warmup: int, say: Callable[[str], None], cold: bool
             end = time.thread_time_ns()
             return (middle - start) * 1e-9, (end - resume) * 1e-9
 
-        measure = cold_call if cold else block
+        measure_layer = cold_call if cold else block
+        measure_kernels = kernels_cold if cold else kernels_block
+
+        def measure(name: str) -> tuple[float, float]:
+            return measure_kernels() if name == "kernels alone" else measure_layer(layers[name])
+
+        names = list(LAYER_CONTENDERS)
         for _ in range(warmup):
-            for layer in layers.values():
-                measure(layer)
-        forward: dict[str, list[float]] = {n: [] for n in layers}
-        backward: dict[str, list[float]] = {n: [] for n in layers}
-        names = list(layers)
+            for name in names:
+                measure(name)
+        forward: dict[str, list[float]] = {n: [] for n in names}
+        backward: dict[str, list[float]] = {n: [] for n in names}
         for r in range(rounds):
             for k in range(len(names)):
                 name = names[(r + k) % len(names)]
-                f, b = measure(layers[name])
+                f, b = measure(name)
                 forward[name].append(f)
                 backward[name].append(b)
         key = "x".join(map(str, shape))

@@ -128,9 +128,10 @@ def test_layers_mode_reports_forward_and_backward(tmp_path: Path, cold: bool) ->
     assert doc["cold"] is cold
     assert len(doc["layers"]) == 6
     for res in doc["layers"].values():
-        assert set(res) == {"torch", "torch (A/A)", "floor", "syncbn"}
+        assert set(res) == {"torch", "torch (A/A)", "floor", "syncbn", "empty Function", "kernels alone"}
         assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in res.values())
     assert len(doc["targets"]) == 12 and "## Targets" in proc.stdout
+    assert all(t["bound"] > 0 and isinstance(t["reachable"], bool) for t in doc["targets"])
     assert ("cold: one call at a time" in proc.stdout) is cold
 
 
