@@ -367,9 +367,15 @@ class _Saved:
         self.bias_dtype = None if bias is None else bias.dtype
 
 
+def _vector_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel writes a parameter's gradient in (float64 for dtypes
+    the kernels do not take: converted after)."""
+    return torch.float32 if dtype == torch.float32 else torch.float64
+
+
 def _grad_vector(dtype: torch.dtype, C: int) -> tuple[np.ndarray, torch.Tensor]:
     """A new (C,) parameter gradient: the array a kernel writes, and the tensor
-    over it (float64 for dtypes the kernels do not take: convert after)."""
+    over it, of dtype ``_vector_dtype(dtype)``."""
     a = np.empty(C, np.float32 if dtype == torch.float32 else np.float64)
     return a, torch.from_numpy(a)
 
@@ -382,8 +388,9 @@ def _new_grad(saved: _Saved, x: torch.Tensor) -> KernelTensor:
     return saved.layout.empty(saved.kernel_dtype)
 
 
-def _as(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
-    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+def _as(t: torch.Tensor | None, have: torch.dtype | None, want: torch.dtype | None) -> torch.Tensor | None:
+    """``t`` (None, or of dtype ``have``: known, so not read back) in dtype ``want``."""
+    return t if t is None or want is None or have == want else t.to(want)
 
 
 def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -409,7 +416,8 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ..
     dy_view = kernel_view(grad_out, layout, kernel_dtype)
     num_threads = torch.get_num_threads()
     # parameter gradients are local sums, written before the buffer is reduced
-    gw, grad_w = _grad_vector(weight.dtype, C) if need_w else (None, None)
+    weight_dtype = None if weight is None else weight.dtype
+    gw, grad_w = _grad_vector(weight_dtype, C) if need_w and weight_dtype is not None else (None, None)
     bias_dtype = saved.bias_dtype
     gb, grad_b = _grad_vector(bias_dtype, C) if need_b and bias_dtype is not None else (None, None)
     # The activation's gradient: dz = dy * activation'(z), written by the
@@ -465,13 +473,16 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ..
                 num_threads,
                 saved.statistics.global_count,
             )
+    input_dtype = saved.input_dtype
     grads = (
-        _as(None if dx is None else dx.tensor, saved.input_dtype),
-        _as(grad_w, None if weight is None else weight.dtype),
-        _as(grad_b, saved.bias_dtype),
+        _as(None if dx is None else dx.tensor, kernel_dtype, input_dtype),
+        None if weight_dtype is None else _as(grad_w, _vector_dtype(weight_dtype), weight_dtype),
+        None if bias_dtype is None else _as(grad_b, _vector_dtype(bias_dtype), bias_dtype),
     )
     if fused:
-        return (*grads, _as(grad_r, saved.input_dtype), None)
+        # (the output gradient has the output's dtype, the input's)
+        grad_residual = _as(grad_r, input_dtype if dz is None else kernel_dtype, input_dtype)
+        return (*grads, grad_residual, None)
     return (*grads, None)
 
 
