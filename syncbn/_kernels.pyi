@@ -170,9 +170,10 @@ def local_forward(
     preact: _Data | None = None,
 ) -> None:
     """A group of one process: statistics and normalization in one call,
-    channel by channel (channels-first (N, C, L) only; at least 2 values per
-    channel). Writes what local_stats + finish_stats + normalize write
-    (residual, activation and preact as in normalize)."""
+    channel by channel for channels-first (N, C, L), a pass over all channels
+    at a time for rows (M, C); at least 2 values per channel. Writes what
+    local_stats + finish_stats + normalize write (residual, activation and
+    preact as in normalize)."""
 
 def local_backward(
     dy: _Data,
@@ -191,8 +192,9 @@ def local_backward(
     grad_preact: _Data | None = None,
 ) -> None:
     """A group of one process: backward_reduce's parameter gradients and (with
-    out) backward_input's input gradient in one call, channel by channel
-    (channels-first (N, C, L) only). activation, saved and grad_preact as in
+    out) backward_input's input gradient in one call, channel by channel for
+    channels-first (N, C, L), a pass over all channels at a time for rows
+    (M, C). activation, saved and grad_preact as in
     backward_reduce; the input gradient is then computed from dz, and out may
     be grad_preact itself."""
 

@@ -1824,7 +1824,10 @@ def finish_stats(
 #    channel's statistics and normalization (forward), or its reduction and
 #    input gradient (backward), run back to back while the channel's values
 #    are still in cache: one call per pass, and the second reading of the
-#    data costs little. Channels-first layout; rows go through 1-5.
+#    data costs little. Rows (channels-last, 2-D) interleave the channels,
+#    so there each pass covers every channel: the statistics pass of 1, then
+#    the pass of 2 (forward), or the reduction of 3, then the pass of 4
+#    (backward), in the same one call.
 # ---------------------------------------------------------------------------
 
 # (index division as in "the work split"; IEEE float division as in finish_stats)
@@ -2163,15 +2166,134 @@ cdef void _act_local_backward_any(
                                      slope, grad_input, sums, nt)
 
 
-cdef int _check_runs(str name, object a) except -1:
-    if cnp.PyArray_NDIM(<cnp.ndarray>a) != 3:
-        raise ValueError(f"{name}: expected the channels-first layout (N, C, L) "
-                         f"(got shape {a.shape}); rows go through the other kernels")
+cdef object _zeros(Py_ssize_t n):
+    """A zeroed float64 vector of n values."""
+    cdef cnp.npy_intp dims[1]
+    dims[0] = n
+    return cnp.PyArray_ZEROS(1, dims, cnp.NPY_FLOAT64, 0)
+
+
+# (IEEE float division as in finish_stats)
+@cython.cdivision(True)
+cdef int _rows_local_forward(cnp.ndarray a, object out, object residual, int activation,
+                             double negative_slope, object preact, FVec w, FVec b, double eps,
+                             double* st, int num_threads) except -1:
+    """local_forward on rows (M, C): the sums of local_stats around a pivot in
+    the data (each channel's first value), a second time around the mean for
+    the channels whose pivot was far from it (as _channel_stats decides), the
+    statistics in ``st`` (3, C), then the pass of normalize."""
+    cdef Py_ssize_t C = cnp.PyArray_DIM(a, 1), c
+    cdef double n = <double>cnp.PyArray_DIM(a, 0), d, v
+    cdef Split sp = _split(a, num_threads, 1)
+    cdef bint single = cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32
+    cdef bint far
+    cdef int attempt
+    cdef double[:, :, ::1] acc
+    cdef double[::1] piv, sums
+    cdef double[:, ::1] coef
+    cdef const float[:, ::1] xf
+    cdef const double[:, ::1] xd
+    if single:
+        xf = a
+    else:
+        xd = a
+    for attempt in range(2):
+        acc = _partials(&sp)
+        piv = acc[sp.nt, SUM1, :C]     # the spare row of _partials
+        sums = _zeros(2 * C)
+        for c in range(C):
+            if attempt == 0:
+                v = <double>xf[0, c] if single else xd[0, c]
+                piv[c] = v if isfinite(v) else 0.0
+            else:
+                piv[c] = st[c]         # the mean of the first attempt
+        with nogil:
+            if single:
+                _sums(xf, xf, &sp, piv, False, acc, sums)
+            else:
+                _sums(xd, xd, &sp, piv, False, acc, sums)
+        far = False
+        for c in range(C):
+            d = sums[c] / n            # mean - pivot
+            v = sums[C + c] / n - d * d
+            v = v if (v > 0.0 or v != v) else 0.0   # (NaN stays NaN)
+            st[c] = piv[c] + d
+            st[2 * C + c] = v
+            if isfinite(d) and d * d > _REFINE * v:
+                far = True
+        if not far:
+            break
+    coef = _coefs(C, cnp.NPY_FLOAT64)
+    for c in range(C):
+        st[C + c] = 1.0 / sqrt(st[2 * C + c] + eps)
+        coef[COEF_MEAN, c] = st[c]
+        coef[COEF_SCALE, c] = st[C + c] * _fat(w, c, 1.0)
+        coef[COEF_XMU, c] = 0.0
+        coef[COEF_OFFSET, c] = _fat(b, c, 0.0)
+    if residual is None and activation == _ACT_NONE:
+        _affine_pass(a, None, <cnp.ndarray>out, coef, num_threads)
+    else:
+        _act_affine_pass(a, residual, <cnp.ndarray>out, preact, coef, activation,
+                         negative_slope, num_threads)
+    return 0
+
+
+# (IEEE float division as in backward_input)
+@cython.cdivision(True)
+cdef int _rows_local_backward(cnp.ndarray dy, object x, object mean, const double* inv, FVec w,
+                              object out, int activation, double negative_slope, object saved,
+                              object grad_preact, double[::1] sums, int num_threads) except -1:
+    """local_backward on rows (M, C): the reduction of backward_reduce into
+    ``sums`` (2C: sum dz, sum dz * (x - mean)), then, with ``out``, the pass
+    of backward_input over dz (dy, or grad_preact with an activation)."""
+    cdef Py_ssize_t C = cnp.PyArray_DIM(dy, 1), c
+    cdef double n = <double>cnp.PyArray_DIM(dy, 0), g
+    cdef Split sp = _split(dy, num_threads, 2)
+    cdef double[:, :, ::1] acc = _partials(&sp)
+    cdef const double[::1] mu = mean
+    cdef double[:, ::1] coef
+    cdef const float[:, ::1] gf, xf, sf
+    cdef const double[:, ::1] gd, xd, sd
+    cdef float[:, ::1] pf
+    cdef double[:, ::1] pd
+    if cnp.PyArray_TYPE(dy) == cnp.NPY_FLOAT32:
+        gf = dy
+        xf = x
+        if activation == _ACT_NONE:
+            with nogil:
+                _sums(gf, xf, &sp, mu, True, acc, sums)
+        else:
+            sf = saved
+            pf = grad_preact
+            with nogil:
+                _act_sums_any(activation, gf, sf, xf, pf, &sp, mu, <float>negative_slope, acc, sums)
+    else:
+        gd = dy
+        xd = x
+        if activation == _ACT_NONE:
+            with nogil:
+                _sums(gd, xd, &sp, mu, True, acc, sums)
+        else:
+            sd = saved
+            pd = grad_preact
+            with nogil:
+                _act_sums_any(activation, gd, sd, xd, pd, &sp, mu, negative_slope, acc, sums)
+    if out is None:
+        return 0
+    coef = _coefs(C, cnp.NPY_FLOAT64)
+    for c in range(C):
+        g = inv[c] * _fat(w, c, 1.0)
+        coef[COEF_MEAN, c] = mu[c]
+        coef[COEF_SCALE, c] = g
+        coef[COEF_XMU, c] = -g * inv[c] * inv[c] * (sums[C + c] / n)
+        coef[COEF_OFFSET, c] = -g * (sums[c] / n)
+    _affine_pass(dy if activation == _ACT_NONE else <cnp.ndarray>grad_preact, x,
+                 <cnp.ndarray>out, coef, num_threads)
     return 0
 
 
 def local_forward(
-    x,                      # IN  (N, C, L) float32/float64, C-contiguous
+    x,                      # IN  (N, C, L) or (M, C), float32/float64, C-contiguous
     weight,                 # IN  (C,) float32/float64 or None (= 1)
     bias,                   # IN  (C,) float32/float64 or None (= 0)
     double eps,             # IN
@@ -2192,9 +2314,10 @@ def local_forward(
     """The training forward of a group of one process, in one call: statistics
     (float64, around a pivot in the data as in local_stats), then
     ``out = (x - mean) * invstd * weight + bias`` (as in normalize), channel by
-    channel; the statistics, the shift and the running statistics are written
-    as finish_stats writes them. Every channel needs at least 2 values
-    (ValueError otherwise, before anything is written).
+    channel (rows: each step over all channels); the statistics, the shift and
+    the running statistics are written as finish_stats writes them. Every
+    channel needs at least 2 values (ValueError otherwise, before anything is
+    written).
 
     ``residual``, ``activation``, ``negative_slope`` and ``preact`` fuse the
     residual add and the activation into the normalization, as in normalize:
@@ -2202,7 +2325,6 @@ def local_forward(
     (the statistics are those of x alone).
     """
     cdef Py_ssize_t C = _check_data("x", x)
-    _check_runs("x", x)
     _check_same("out", out, "x", <cnp.ndarray>x, True)
     _check_fused_forward(<cnp.ndarray>x, out, residual, activation, preact)
     cdef FVec w = _fvec("weight", weight, C)
@@ -2220,7 +2342,8 @@ def local_forward(
     cdef FVec rv = _fvec("running_var", running_var, C, True)
     cdef int64_t* batches = _counter("num_batches_tracked", num_batches_tracked)
     cdef cnp.ndarray a = <cnp.ndarray>x
-    cdef Py_ssize_t N = cnp.PyArray_DIM(a, 0), L = cnp.PyArray_DIM(a, 2), c
+    cdef bint rows = cnp.PyArray_NDIM(a) == 2
+    cdef Py_ssize_t N = cnp.PyArray_DIM(a, 0), L = 1 if rows else cnp.PyArray_DIM(a, 2), c
     cdef double count = <double>(N * L), f = 0.0 if factor is None else <double>factor
     cdef int nt
     cdef bint fused = residual is not None or activation != _ACT_NONE
@@ -2235,7 +2358,10 @@ def local_forward(
     if count < 2.0:
         raise ValueError(f"x: expected at least 2 values per channel (got {count:g})")
     nt = _threads(num_threads, cnp.PyArray_SIZE(a) * 2, C)
-    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
+    if rows:
+        _rows_local_forward(a, out, residual, activation, negative_slope, preact, w, b, eps, st,
+                            num_threads)
+    elif cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
         xf = _rows(a)
         of = _rows(<cnp.ndarray>out)
         if not fused:
@@ -2263,7 +2389,7 @@ def local_forward(
 
 
 def local_backward(
-    dy,                     # IN  (N, C, L) gradient of the output
+    dy,                     # IN  (N, C, L) or (M, C) gradient of the output
     x,                      # IN  like dy: the forward input
     mean,                   # IN  (C,) float64
     invstd,                 # IN  (C,) float64
@@ -2281,7 +2407,7 @@ def local_backward(
 ):
     """The backward of a group of one process, in one call: the reductions of
     backward_reduce, then (with ``out``) the input gradient of
-    backward_input, channel by channel.
+    backward_input, channel by channel (rows: each step over all channels).
 
     With an ``activation``, as in backward_reduce: ``saved`` and
     ``grad_preact`` are required, and each channel's pass writes
@@ -2290,7 +2416,6 @@ def local_backward(
     may be ``grad_preact`` itself. With ACT_NONE both must be None (dz = dy).
     """
     cdef Py_ssize_t C = _check_data("dy", dy)
-    _check_runs("dy", dy)
     _check_same("x", x, "dy", <cnp.ndarray>dy)
     cdef bint grad_input = out is not None
     if grad_input:
@@ -2304,15 +2429,16 @@ def local_backward(
     cdef cnp.ndarray a = <cnp.ndarray>dy
     cdef Py_ssize_t N = cnp.PyArray_DIM(a, 0), c
     cdef int nt
-    cdef cnp.ndarray sums_array = _coefs(C, cnp.NPY_FLOAT64)  # (2C values: the sums)
+    cdef cnp.ndarray sums_array = _zeros(2 * C)  # [sum dz, sum dz * (x - mean)]
     cdef double* sums = <double*>cnp.PyArray_DATA(sums_array)
     cdef const float[:, ::1] gf, xf, sf
     cdef float[:, ::1] of, pf
     cdef const double[:, ::1] gd, xd, sd
     cdef double[:, ::1] od, pd
-    for c in range(2 * C):
-        sums[c] = 0.0
-    if cnp.PyArray_SIZE(a) > 0:
+    if cnp.PyArray_SIZE(a) > 0 and cnp.PyArray_NDIM(a) == 2:
+        _rows_local_backward(a, x, mean, inv, w, out, activation, negative_slope, saved,
+                             grad_preact, sums_array, num_threads)
+    elif cnp.PyArray_SIZE(a) > 0:
         nt = _threads(num_threads, cnp.PyArray_SIZE(a) * 2, C)
         if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
             gf = _rows(a)

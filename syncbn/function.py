@@ -231,7 +231,7 @@ def _forward(
 ) -> _Forward:
     kx = kernel_input(x)
     num_threads = torch.get_num_threads()
-    if args.comm.size == 1 and not kx.layout.rows:
+    if args.comm.size == 1:
         return _forward_alone(x, kx, weight, bias, args, num_threads, residual)
     statistics = batch_statistics(kx.array, args, num_threads)
     weight_view = _layer_param(args, "weight", weight)
@@ -438,7 +438,7 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ..
         }
     # the input gradient overwrites dz when nothing else needs it
     dx = (dz if dz is not None and not need_r else _new_grad(saved, x)) if need_x else None
-    if saved.comm.size == 1 and not layout.rows:
+    if saved.comm.size == 1:
         # a group of one: the reduction and the input gradient in one call
         _kernels.local_backward(
             dy_view,

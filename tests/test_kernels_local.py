@@ -15,7 +15,12 @@ import pytest
 from syncbn import _kernels as K
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-12, atol=1e-12)}
-SHAPES = [(8, 6, 64), (3, 5, 7), (2, 4, 1), (1, 3, 2), (4, 2, 40000)]
+# channels-first (N, C, L), then rows (M, C)
+SHAPES = [(8, 6, 64), (3, 5, 7), (2, 4, 1), (1, 3, 2), (4, 2, 40000), (48, 6), (7, 5), (2, 4), (40000, 3)]
+
+
+def _channel_axes(x: np.ndarray) -> tuple[int, ...]:
+    return (0, 2) if x.ndim == 3 else (0,)
 
 
 def _data(shape: tuple[int, ...], dtype: type, seed: int, scale: float = 3.0,
@@ -65,15 +70,19 @@ def test_local_forward_writes_what_the_composed_kernels_write(
     assert batches[0] == ref["batches"][0] == 4
 
 
+@pytest.mark.parametrize("layout", ["runs", "rows"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
-def test_local_forward_far_pivot_sums_again(dtype: type) -> None:
+def test_local_forward_far_pivot_sums_again(dtype: type, layout: str) -> None:
     # the first value of channel 0 lies 1e5 standard deviations from the rest:
     # around it the variance would keep few digits, so the kernel sums again
     x = _data((4, 2, 50), dtype, 3, scale=1.0, centre=0.0)
     x[0, 0, 0] = 1e5
+    exact = x.astype(np.float64).transpose(1, 0, 2).reshape(2, -1)
+    if layout == "rows":
+        x = np.ascontiguousarray(exact.T.astype(dtype))  # (200, 2), the far value first
+        assert x[0, 0] == 1e5
     stats, y = np.empty((3, 2)), np.empty_like(x)
     K.local_forward(x, None, None, 0.0, y, stats, num_threads=1)
-    exact = x.astype(np.float64).transpose(1, 0, 2).reshape(2, -1)
     np.testing.assert_allclose(stats[0], exact.mean(1), rtol=1e-12)
     np.testing.assert_allclose(stats[2], exact.var(1), rtol=1e-9)
 
@@ -84,15 +93,15 @@ def test_local_forward_far_pivot_sums_again(dtype: type) -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 def test_local_backward_writes_what_the_composed_kernels_write(
         shape: tuple[int, ...], dtype: type, outputs: str, threads: int) -> None:
-    N, C, L = shape
+    C = shape[1]
     x, dy = _data(shape, dtype, 4), _data(shape, dtype, 5, centre=0.0)
     w = _data((C,), np.float32, 6)
-    mean = x.astype(np.float64).mean((0, 2))
-    invstd = 1.0 / np.sqrt(x.astype(np.float64).var((0, 2)) + 1e-5)
+    mean = x.astype(np.float64).mean(_channel_axes(x))
+    invstd = 1.0 / np.sqrt(x.astype(np.float64).var(_channel_axes(x)) + 1e-5)
     sums, gw_ref, gb_ref = np.empty(2 * C), np.empty(C, np.float32), np.empty(C, np.float32)
     K.backward_reduce(dy, x, mean, sums, 1, invstd, gw_ref, gb_ref)
     dx_ref = np.empty_like(x)
-    K.backward_input(dy, x, mean, invstd, w, sums[:C], sums[C:], dx_ref, 1, float(N * L))
+    K.backward_input(dy, x, mean, invstd, w, sums[:C], sums[C:], dx_ref, 1, float(x.size // C))
     dx = None if outputs == "no input grad" else np.full_like(x, np.nan)
     gw = None if outputs == "input grad only" else np.full(C, np.nan, np.float32)
     gb = None if outputs == "input grad only" else np.full(C, np.nan, np.float32)
@@ -104,12 +113,40 @@ def test_local_backward_writes_what_the_composed_kernels_write(
         np.testing.assert_allclose(gb, gb_ref, rtol=1e-5, atol=1e-6)
 
 
-def test_local_kernels_take_only_the_channels_first_layout() -> None:
-    x = np.zeros((4, 3), np.float32)
-    with pytest.raises(ValueError, match=r"x: expected the channels-first layout \(N, C, L\)"):
-        K.local_forward(x, None, None, 1e-5, np.empty_like(x), np.empty((3, 3)))
-    with pytest.raises(ValueError, match=r"dy: expected the channels-first layout"):
-        K.local_backward(x, x, np.zeros(3), np.ones(3), None)
+@pytest.mark.parametrize("layout", ["runs", "rows"])
+def test_local_forward_second_pass_gives_the_statistics(layout: str) -> None:
+    """A pivot more than 1000 standard deviations from the mean sends the
+    statistics through the second pass (around the mean). The pivot's own
+    weight in the variance means that takes more than REFINE = 1e6 values:
+    2^21 here, with the first 1e4 away from the rest (d^2 / var about 2e6)."""
+    n = 1 << 21
+    col = np.random.default_rng(11).standard_normal(n)
+    col[0] = 1e4
+    d = col.mean() - col[0]
+    assert d * d > 1e6 * col.var()  # (the branch is taken)
+    x = col.reshape(1, 1, n) if layout == "runs" else col.reshape(n, 1)
+    stats, y = np.empty((3, 1)), np.empty_like(x)
+    K.local_forward(x, None, None, 0.0, y, stats, num_threads=1)
+    np.testing.assert_allclose(stats[0], [col.mean()], rtol=1e-12)
+    np.testing.assert_allclose(stats[2], [col.var()], rtol=1e-12)
+    np.testing.assert_allclose(y.reshape(-1), (col - col.mean()) / col.std(), rtol=1e-9, atol=1e-12)
+
+
+def test_local_kernels_on_rows_match_the_same_data_as_runs() -> None:
+    """Rows (M, C) and channels-first (M, C, 1) hold the same values per
+    channel: the statistics and gradients agree, whichever path computes them."""
+    x = _data((300, 4), np.float64, 7)
+    dy = _data((300, 4), np.float64, 8, centre=0.0)
+    w = _data((4,), np.float64, 9)
+    out_rows, out_runs = {}, {}
+    for out, xs, dys in ((out_rows, x, dy), (out_runs, x[:, :, None].copy(), dy[:, :, None].copy())):
+        stats, y = np.empty((3, 4)), np.empty_like(xs)
+        K.local_forward(xs, w, None, 1e-5, y, stats, num_threads=1)
+        dx, gw, gb = np.empty_like(xs), np.empty(4), np.empty(4)
+        K.local_backward(dys, xs, stats[0], stats[1], w, dx, gw, gb, 1)
+        out.update(stats=stats, y=y.reshape(300, 4), dx=dx.reshape(300, 4), gw=gw, gb=gb)
+    for key in out_rows:
+        np.testing.assert_allclose(out_rows[key], out_runs[key], rtol=1e-12, atol=1e-12, err_msg=key)
 
 
 def test_local_forward_needs_two_values_per_channel() -> None:
