@@ -1325,6 +1325,44 @@ def local_stats(
                 o[c] = o[c] + n * d
 
 
+cdef int _reduce_pass(cnp.ndarray dy, cnp.ndarray x, const double[::1] mu, int activation,
+                      double negative_slope, object saved, object grad_preact, double[::1] out,
+                      int num_threads) except -1:
+    """backward_reduce's pass on validated, non-empty arguments (local_backward's
+    on rows too): out[:C], out[C:2C] += sum(dz), sum(dz * (x - mean)), with
+    dz = dy, or with an activation dy * activation'(.) written to grad_preact."""
+    cdef Split sp = _split(x, num_threads, 2)
+    cdef double[:, :, ::1] acc = _partials(&sp)
+    cdef const float[:, ::1] gf, xf, sf
+    cdef const double[:, ::1] gd, xd, sd
+    cdef float[:, ::1] pf
+    cdef double[:, ::1] pd
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+        gf = _rows(dy)
+        xf = _rows(x)
+        if activation == _ACT_NONE:
+            with nogil:
+                _sums(gf, xf, &sp, mu, True, acc, out)
+        else:
+            sf = _rows(<cnp.ndarray>saved)
+            pf = _rows(<cnp.ndarray>grad_preact)
+            with nogil:
+                _act_sums_any(activation, gf, sf, xf, pf, &sp, mu, <float>negative_slope,
+                              acc, out)
+    else:
+        gd = _rows(dy)
+        xd = _rows(x)
+        if activation == _ACT_NONE:
+            with nogil:
+                _sums(gd, xd, &sp, mu, True, acc, out)
+        else:
+            sd = _rows(<cnp.ndarray>saved)
+            pd = _rows(<cnp.ndarray>grad_preact)
+            with nogil:
+                _act_sums_any(activation, gd, sd, xd, pd, &sp, mu, negative_slope, acc, out)
+    return 0
+
+
 def backward_reduce(
     dy,                     # IN  (N, C, L) or (M, C) gradient of the output
     x,                      # IN  like dy: the forward input
@@ -1364,40 +1402,11 @@ def backward_reduce(
     cdef const double* inv = _ptr(_vec("invstd", invstd, C, gw.data == NULL))
     cdef cnp.ndarray a = <cnp.ndarray>x
     cdef Py_ssize_t c
-    cdef Split sp
-    cdef double[:, :, ::1] acc
-    cdef const float[:, ::1] gf, xf, sf
-    cdef const double[:, ::1] gd, xd, sd
-    cdef float[:, ::1] pf
-    cdef double[:, ::1] pd
     for c in range(2 * C):
         o[c] = 0.0
     if cnp.PyArray_SIZE(a) > 0:
-        sp = _split(a, num_threads, 2)
-        acc = _partials(&sp)
-        if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
-            gf = _rows(<cnp.ndarray>dy)
-            xf = _rows(a)
-            if activation == _ACT_NONE:
-                with nogil:
-                    _sums(gf, xf, &sp, mu, True, acc, o)
-            else:
-                sf = _rows(<cnp.ndarray>saved)
-                pf = _rows(<cnp.ndarray>grad_preact)
-                with nogil:
-                    _act_sums_any(activation, gf, sf, xf, pf, &sp, mu, <float>negative_slope,
-                                  acc, o)
-        else:
-            gd = _rows(<cnp.ndarray>dy)
-            xd = _rows(a)
-            if activation == _ACT_NONE:
-                with nogil:
-                    _sums(gd, xd, &sp, mu, True, acc, o)
-            else:
-                sd = _rows(<cnp.ndarray>saved)
-                pd = _rows(<cnp.ndarray>grad_preact)
-                with nogil:
-                    _act_sums_any(activation, gd, sd, xd, pd, &sp, mu, negative_slope, acc, o)
+        _reduce_pass(<cnp.ndarray>dy, a, mu, activation, negative_slope, saved, grad_preact, o,
+                     num_threads)
     for c in range(C):
         if gw.data != NULL:
             _fput(gw, c, o[C + c] * inv[c])
@@ -1621,21 +1630,30 @@ def normalize(
     cdef const double* inv = _ptr(_vec("invstd", invstd, C))
     cdef FVec w = _fvec("weight", weight, C)
     cdef FVec b = _fvec("bias", bias, C)
-    cdef Py_ssize_t c
-    cdef double[:, ::1] coef
     if cnp.PyArray_SIZE(<cnp.ndarray>x) == 0:
         return
-    coef = _coefs(C, cnp.NPY_FLOAT64)
+    _normalize_pass(<cnp.ndarray>x, mu, inv, w, b, <cnp.ndarray>out, residual, activation,
+                    negative_slope, preact, num_threads)
+
+
+cdef int _normalize_pass(cnp.ndarray x, const double* mu, const double* inv, FVec w, FVec b,
+                         cnp.ndarray out, object residual, int activation, double negative_slope,
+                         object preact, int num_threads) except -1:
+    """normalize's pass on validated arguments (local_forward's on rows too):
+    the coefficients from the statistics and the affine parameters, then the
+    plain or the fused affine pass."""
+    cdef Py_ssize_t C = cnp.PyArray_DIM(x, 1), c
+    cdef double[:, ::1] coef = _coefs(C, cnp.NPY_FLOAT64)
     for c in range(C):
         coef[COEF_MEAN, c] = mu[c]
         coef[COEF_SCALE, c] = inv[c] * _fat(w, c, 1.0)
         coef[COEF_XMU, c] = 0.0
         coef[COEF_OFFSET, c] = _fat(b, c, 0.0)
     if residual is None and activation == _ACT_NONE:
-        _affine_pass(<cnp.ndarray>x, None, <cnp.ndarray>out, coef, num_threads)
+        _affine_pass(x, None, out, coef, num_threads)
     else:
-        _act_affine_pass(<cnp.ndarray>x, residual, <cnp.ndarray>out, preact, coef, activation,
-                         negative_slope, num_threads)
+        _act_affine_pass(x, residual, out, preact, coef, activation, negative_slope, num_threads)
+    return 0
 
 
 def backward_input(
@@ -1665,21 +1683,30 @@ def backward_input(
     cdef FVec w = _fvec("weight", weight, C)
     cdef const double* mdy = _ptr(_vec("sum_dy", sum_dy, C))
     cdef const double* mdx = _ptr(_vec("sum_dy_xmu", sum_dy_xmu, C))
-    cdef Py_ssize_t c
-    cdef double a
-    cdef double[:, ::1] coef
     if not count > 0.0:
         raise ValueError(f"count: expected a positive number (got {count})")
     if cnp.PyArray_SIZE(<cnp.ndarray>dy) == 0:
         return
-    coef = _coefs(C, cnp.NPY_FLOAT64)
+    _input_grad_pass(<cnp.ndarray>dy, x, mu, inv, w, mdy, mdx, count, <cnp.ndarray>out,
+                     num_threads)
+
+
+cdef int _input_grad_pass(cnp.ndarray dy, object x, const double* mu, const double* inv, FVec w,
+                          const double* sum_dy, const double* sum_dy_xmu, double count,
+                          cnp.ndarray out, int num_threads) except -1:
+    """backward_input's pass on validated arguments (count > 0; local_backward's
+    on rows too): the coefficients from the sums, then the affine pass."""
+    cdef Py_ssize_t C = cnp.PyArray_DIM(dy, 1), c
+    cdef double a
+    cdef double[:, ::1] coef = _coefs(C, cnp.NPY_FLOAT64)
     for c in range(C):
         a = inv[c] * _fat(w, c, 1.0)
         coef[COEF_MEAN, c] = mu[c]
         coef[COEF_SCALE, c] = a
-        coef[COEF_XMU, c] = -a * inv[c] * inv[c] * (mdx[c] / count)
-        coef[COEF_OFFSET, c] = -a * (mdy[c] / count)
-    _affine_pass(<cnp.ndarray>dy, <cnp.ndarray>x, <cnp.ndarray>out, coef, num_threads)
+        coef[COEF_XMU, c] = -a * inv[c] * inv[c] * (sum_dy_xmu[c] / count)
+        coef[COEF_OFFSET, c] = -a * (sum_dy[c] / count)
+    _affine_pass(dy, x, out, coef, num_threads)
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -2190,7 +2217,6 @@ cdef int _rows_local_forward(cnp.ndarray a, object out, object residual, int act
     cdef int attempt
     cdef double[:, :, ::1] acc
     cdef double[::1] piv, sums
-    cdef double[:, ::1] coef
     cdef const float[:, ::1] xf
     cdef const double[:, ::1] xd
     if single:
@@ -2223,72 +2249,26 @@ cdef int _rows_local_forward(cnp.ndarray a, object out, object residual, int act
                 far = True
         if not far:
             break
-    coef = _coefs(C, cnp.NPY_FLOAT64)
     for c in range(C):
         st[C + c] = 1.0 / sqrt(st[2 * C + c] + eps)
-        coef[COEF_MEAN, c] = st[c]
-        coef[COEF_SCALE, c] = st[C + c] * _fat(w, c, 1.0)
-        coef[COEF_XMU, c] = 0.0
-        coef[COEF_OFFSET, c] = _fat(b, c, 0.0)
-    if residual is None and activation == _ACT_NONE:
-        _affine_pass(a, None, <cnp.ndarray>out, coef, num_threads)
-    else:
-        _act_affine_pass(a, residual, <cnp.ndarray>out, preact, coef, activation,
-                         negative_slope, num_threads)
+    _normalize_pass(a, st, st + C, w, b, <cnp.ndarray>out, residual, activation, negative_slope,
+                    preact, num_threads)
     return 0
 
 
-# (IEEE float division as in backward_input)
-@cython.cdivision(True)
-cdef int _rows_local_backward(cnp.ndarray dy, object x, object mean, const double* inv, FVec w,
-                              object out, int activation, double negative_slope, object saved,
-                              object grad_preact, double[::1] sums, int num_threads) except -1:
-    """local_backward on rows (M, C): the reduction of backward_reduce into
-    ``sums`` (2C: sum dz, sum dz * (x - mean)), then, with ``out``, the pass
-    of backward_input over dz (dy, or grad_preact with an activation)."""
-    cdef Py_ssize_t C = cnp.PyArray_DIM(dy, 1), c
-    cdef double n = <double>cnp.PyArray_DIM(dy, 0), g
-    cdef Split sp = _split(dy, num_threads, 2)
-    cdef double[:, :, ::1] acc = _partials(&sp)
+cdef int _rows_local_backward(cnp.ndarray dy, cnp.ndarray x, object mean, const double* inv,
+                              FVec w, object out, int activation, double negative_slope,
+                              object saved, object grad_preact, double[::1] sums,
+                              int num_threads) except -1:
+    """local_backward on rows (M, C): the pass of backward_reduce into ``sums``
+    (2C, zeroed: sum dz, sum dz * (x - mean)), then, with ``out``, the pass of
+    backward_input over dz (dy, or grad_preact with an activation)."""
     cdef const double[::1] mu = mean
-    cdef double[:, ::1] coef
-    cdef const float[:, ::1] gf, xf, sf
-    cdef const double[:, ::1] gd, xd, sd
-    cdef float[:, ::1] pf
-    cdef double[:, ::1] pd
-    if cnp.PyArray_TYPE(dy) == cnp.NPY_FLOAT32:
-        gf = dy
-        xf = x
-        if activation == _ACT_NONE:
-            with nogil:
-                _sums(gf, xf, &sp, mu, True, acc, sums)
-        else:
-            sf = saved
-            pf = grad_preact
-            with nogil:
-                _act_sums_any(activation, gf, sf, xf, pf, &sp, mu, <float>negative_slope, acc, sums)
-    else:
-        gd = dy
-        xd = x
-        if activation == _ACT_NONE:
-            with nogil:
-                _sums(gd, xd, &sp, mu, True, acc, sums)
-        else:
-            sd = saved
-            pd = grad_preact
-            with nogil:
-                _act_sums_any(activation, gd, sd, xd, pd, &sp, mu, negative_slope, acc, sums)
-    if out is None:
-        return 0
-    coef = _coefs(C, cnp.NPY_FLOAT64)
-    for c in range(C):
-        g = inv[c] * _fat(w, c, 1.0)
-        coef[COEF_MEAN, c] = mu[c]
-        coef[COEF_SCALE, c] = g
-        coef[COEF_XMU, c] = -g * inv[c] * inv[c] * (sums[C + c] / n)
-        coef[COEF_OFFSET, c] = -g * (sums[c] / n)
-    _affine_pass(dy if activation == _ACT_NONE else <cnp.ndarray>grad_preact, x,
-                 <cnp.ndarray>out, coef, num_threads)
+    _reduce_pass(dy, x, mu, activation, negative_slope, saved, grad_preact, sums, num_threads)
+    if out is not None:
+        _input_grad_pass(dy if activation == _ACT_NONE else <cnp.ndarray>grad_preact, x, &mu[0],
+                         inv, w, &sums[0], &sums[mu.shape[0]], <double>cnp.PyArray_DIM(dy, 0),
+                         <cnp.ndarray>out, num_threads)
     return 0
 
 
@@ -2436,8 +2416,8 @@ def local_backward(
     cdef const double[:, ::1] gd, xd, sd
     cdef double[:, ::1] od, pd
     if cnp.PyArray_SIZE(a) > 0 and cnp.PyArray_NDIM(a) == 2:
-        _rows_local_backward(a, x, mean, inv, w, out, activation, negative_slope, saved,
-                             grad_preact, sums_array, num_threads)
+        _rows_local_backward(a, <cnp.ndarray>x, mean, inv, w, out, activation, negative_slope,
+                             saved, grad_preact, sums_array, num_threads)
     elif cnp.PyArray_SIZE(a) > 0:
         nt = _threads(num_threads, cnp.PyArray_SIZE(a) * 2, C)
         if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
