@@ -286,6 +286,14 @@ class KernelsAlone:
             self.grad_bias, 1)
 
 
+class _Calls(NamedTuple):
+    """One contender of the per-layer benchmark as the timing loops call it."""
+
+    reset: Callable[[], None]  # before each backward (untimed when cold): gradients cleared
+    forward: Callable[[], Any]
+    backward: Callable[[Any], None]  # given what forward returned
+
+
 def time_layers(rounds: int, warmup: int, say: Callable[[str], None], cold: bool = False) -> dict[str, Any]:
     """Forward and backward times of syncbn.SyncBatchNorm vs torch.nn.BatchNorm2d, thread CPU time.
 
@@ -316,58 +324,41 @@ def time_layers(rounds: int, warmup: int, say: Callable[[str], None], cold: bool
         assert (*layers, "kernels alone") == LAYER_CONTENDERS
         per_block = max(1, min(50, 1_000_000 // x.numel()))  # about a millisecond of forwards at 1 ns per value
 
-        def block(layer: nn.Module) -> tuple[float, float]:
-            start = time.thread_time_ns()
-            ys = [layer(x) for _ in range(per_block)]
-            middle = time.thread_time_ns()
-            for y in ys:
+        def layer_calls(layer: nn.Module) -> _Calls:
+            def reset() -> None:
                 x.grad = None
                 layer.zero_grad(set_to_none=True)
-                y.backward(g)
+            return _Calls(reset, lambda: layer(x), lambda y: y.backward(g))
+
+        calls = {name: layer_calls(layer) for name, layer in layers.items()}
+        calls["kernels alone"] = _Calls(lambda: None, kernels.forward, lambda _out: kernels.backward())
+
+        def block(c: _Calls) -> tuple[float, float]:
+            # (the outputs stay alive until their backwards)
+            start = time.thread_time_ns()
+            outs = [c.forward() for _ in range(per_block)]
+            middle = time.thread_time_ns()
+            for out in outs:
+                c.reset()
+                c.backward(out)
             end = time.thread_time_ns()
             return (middle - start) * 1e-9 / per_block, (end - middle) * 1e-9 / per_block
 
-        def kernels_block() -> tuple[float, float]:
-            # (the outputs stay alive until the backward, as the layers' do)
-            start = time.thread_time_ns()
-            outs = [kernels.forward() for _ in range(per_block)]
-            middle = time.thread_time_ns()
-            for _ in outs:
-                kernels.backward()
-            end = time.thread_time_ns()
-            return (middle - start) * 1e-9 / per_block, (end - middle) * 1e-9 / per_block
-
-        def kernels_cold() -> tuple[float, float]:
+        def cold_call(c: _Calls) -> tuple[float, float]:
             assert evict is not None
+            c.reset()
             evict()
             start = time.thread_time_ns()
-            kernels.forward()
+            out = c.forward()
             middle = time.thread_time_ns()
             evict()
             resume = time.thread_time_ns()
-            kernels.backward()
+            c.backward(out)
             end = time.thread_time_ns()
             return (middle - start) * 1e-9, (end - resume) * 1e-9
-
-        def cold_call(layer: nn.Module) -> tuple[float, float]:
-            assert evict is not None
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
-            evict()
-            start = time.thread_time_ns()
-            y = layer(x)
-            middle = time.thread_time_ns()
-            evict()
-            resume = time.thread_time_ns()
-            y.backward(g)
-            end = time.thread_time_ns()
-            return (middle - start) * 1e-9, (end - resume) * 1e-9
-
-        measure_layer = cold_call if cold else block
-        measure_kernels = kernels_cold if cold else kernels_block
 
         def measure(name: str) -> tuple[float, float]:
-            return measure_kernels() if name == "kernels alone" else measure_layer(layers[name])
+            return (cold_call if cold else block)(calls[name])
 
         names = list(LAYER_CONTENDERS)
         for _ in range(warmup):
