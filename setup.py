@@ -1,6 +1,7 @@
 """Build of the compiled core (everything else is in pyproject.toml): the kernels,
 one extension syncbn._kernels_<variant> per variant, all from syncbn/_kernels_body.pxi;
-syncbn._cpu, what the loader (syncbn/_variants.py) needs to choose one; and syncbn._shm.
+syncbn._cpu, what the loader (syncbn/_variants.py) needs to choose one; syncbn._memory,
+arrays over tensor memory; and syncbn._shm.
 
 Environment variables:
   SYNCBN_NO_OPENMP=1     build without OpenMP (kernels run single-threaded)
@@ -171,6 +172,14 @@ cpu_ext = Extension(
     define_macros=[("SYNCBN_KERNEL_VARIANTS", _c_string(" ".join(v for v, _ in variants)))],
     extra_compile_args=["-O2"],
 )
+# Arrays over tensor memory (the per-call path's views): nothing to tune.
+memory_ext = Extension(
+    "syncbn._memory",
+    ["syncbn/_memory.pyx"],
+    include_dirs=[numpy.get_include()],
+    define_macros=macros,
+    extra_compile_args=["-O2"],
+)
 # The shared-memory allreduce: no OpenMP, no -march (it is loaded on every
 # CPU), and no reassociation, since its contract is the sum in rank order
 # (the same bits on every rank, and those of a plain left-to-right sum).
@@ -227,7 +236,7 @@ class BuildExt(build_ext):
                 os.remove(path)
 
 
-setup(ext_modules=cythonize([*kernel_exts, cpu_ext, shm_ext], compiler_directives=directives,
+setup(ext_modules=cythonize([*kernel_exts, cpu_ext, memory_ext, shm_ext], compiler_directives=directives,
                             include_path=["syncbn"],
                             # a changed directive must regenerate the C file
                             force=changed),

@@ -172,7 +172,7 @@ def normalize(
     ``batch_stats`` of this ``x``; ``comm`` is the backward's communicator."""
     kx = kernel_input(x)
     rows = _rows(stats)
-    out = kx.layout.new_like(kx.tensor, kx.tensor.dtype)
+    out = kx.layout.new(kx.strides, kx.dtype)
     _kernels.normalize(
         kx.array, rows[MEAN], rows[INVSTD], _param(weight), _param(bias), out.array, torch.get_num_threads()
     )
@@ -217,7 +217,7 @@ def normalize_backward(
     """
     C = x.shape[1]
     kx = kernel_input(x)
-    dy = kernel_view(grad_out, kx.layout, kx.tensor.dtype)
+    dy = kernel_view(grad_out, kx.layout, kx.dtype)
     rows = _rows(stats)
     num_threads = torch.get_num_threads()
     sums, grad_weight, grad_bias = np.empty(2 * C), np.empty(C), np.empty(C)
@@ -234,7 +234,7 @@ def normalize_backward(
     communicator = _communicator(comm)
     if communicator.size > 1:  # (a group of one has no one to wait for)
         communicator.allreduce_array_(sums)
-    out = kx.layout.new_like(kx.tensor, kx.tensor.dtype)
+    out = kx.layout.new(kx.strides, kx.dtype)
     # (backward_input takes the reduced sums and divides them by the count)
     _kernels.backward_input(
         dy, kx.array, rows[MEAN], rows[INVSTD], _param(weight), sums[:C], sums[C:], out.array, num_threads, n

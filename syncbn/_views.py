@@ -21,6 +21,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ._memory import array_over
+
 __all__ = [
     "KERNEL_DTYPES",
     "KernelInput",
@@ -29,6 +31,7 @@ __all__ = [
     "LayerArrays",
     "kernel_input",
     "kernel_view",
+    "new_vector",
 ]
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -45,30 +48,33 @@ class KernelTensor(NamedTuple):
 class KernelLayout:
     """One layout of one logical shape ``(N, C, *spatial)``.
 
+    Made once per (rows, shape) by :func:`_kernel_layout`, so that two
+    tensors read in the same layout have the same layout object.
+
     Attributes:
         rows: the rows layout ``(M, C)``; else runs ``(N, C, L)``.
         shape: the logical shape.
         kernel_shape: the shape the kernels see.
+        strides: the strides of a new tensor laid out as this layout reads it
+            (contiguous, or channels-last for rows).
         channels_last_order: (rows only) the axis order that makes a rows
-            tensor C-contiguous, ``(0, 2, ..., 1)``; ``logical_order`` undoes it.
+            tensor C-contiguous, ``(0, 2, ..., 1)``.
     """
 
-    __slots__ = (
-        "channels_last_order",
-        "channels_last_shape",
-        "kernel_shape",
-        "logical_order",
-        "rows",
-        "shape",
-    )
+    __slots__ = ("channels_last_order", "kernel_shape", "rows", "shape", "strides")
 
     def __init__(self, rows: bool, shape: tuple[int, ...]) -> None:
         self.rows, self.shape = rows, tuple(shape)
         C = shape[1]
+        order = (0, *range(2, len(shape)), 1) if rows else tuple(range(len(shape)))
+        strides = [0] * len(shape)
+        step = 1
+        for axis in reversed(order):
+            strides[axis] = step
+            step *= max(shape[axis], 1)
+        self.strides = tuple(strides)
         if rows:
-            self.channels_last_order = (0, *range(2, len(shape)), 1)
-            self.logical_order = tuple(self.channels_last_order.index(i) for i in range(len(shape)))
-            self.channels_last_shape = tuple(shape[p] for p in self.channels_last_order)
+            self.channels_last_order = order
             self.kernel_shape: tuple[int, ...] = (math.prod(shape) // C if C else 0, C)
         else:
             self.kernel_shape = (shape[0], C, math.prod(shape[2:]))
@@ -79,23 +85,24 @@ class KernelLayout:
             a = a.transpose(self.channels_last_order)
         return a.reshape(self.kernel_shape) if a.flags.c_contiguous else None
 
-    def new_like(self, t: torch.Tensor, dtype: torch.dtype) -> KernelTensor:
-        """A new tensor with the strides of ``t`` (a tensor this layout views).
+    def array(self, t: torch.Tensor, dtype: torch.dtype) -> np.ndarray | None:
+        """The kernels' view of ``t`` (of dtype ``dtype``, float32 or float64),
+        a tensor whose memory this layout reads, as :func:`_layout_of` found
+        from its shape, strides and dtype; None if its address is not aligned."""
+        return array_over(t, t.data_ptr(), self.kernel_shape, _TYPENUM[dtype])
 
-        ``torch.empty_like`` keeps the strides of a dense tensor and is the
-        cheapest way to a new tensor (no shape to parse).
-        """
-        out = torch.empty_like(t, dtype=dtype)
-        array = self.view(out.numpy())
-        return KernelTensor(array, out) if array is not None else self.empty(dtype)
+    def new(self, strides: tuple[int, ...], dtype: torch.dtype) -> KernelTensor:
+        """A new tensor of the logical shape with ``strides``: those of a
+        tensor this layout reads (the input's, so that the output has its
+        memory format), or :attr:`strides`."""
+        t = torch.empty_strided(self.shape, strides, dtype=dtype)
+        array = self.array(t, dtype)
+        assert array is not None  # (torch allocates aligned memory)
+        return KernelTensor(array, t)
 
     def empty(self, dtype: torch.dtype) -> KernelTensor:
         """A new tensor of the logical shape, laid out as this layout reads it."""
-        if self.rows:
-            t = torch.empty(self.channels_last_shape, dtype=dtype)
-            return KernelTensor(t.numpy().reshape(self.kernel_shape), t.permute(self.logical_order))
-        t = torch.empty(self.shape, dtype=dtype)
-        return KernelTensor(t.numpy().reshape(self.kernel_shape), t)
+        return self.new(self.strides, dtype)
 
 
 class KernelInput(NamedTuple):
@@ -104,29 +111,50 @@ class KernelInput(NamedTuple):
     tensor: torch.Tensor  # the tensor the view is of (the input itself unless it was copied)
     array: np.ndarray  # the kernels' view of it
     layout: KernelLayout
+    strides: tuple[int, ...]  # the tensor's, which new tensors of the same layout take
+    dtype: torch.dtype  # the tensor's
+    widened: bool  # whether the input was float16 / bfloat16, and the tensor its float32 copy
 
 
-# (shape, strides in bytes, item size) of a NumPy view -> the layout the
-# kernels read it in, or None: no zero-copy view (copy to contiguous). The
-# item size matters: a float64 (2, 4) contiguous array and a float32 (2, 4)
-# view of every other column have the same strides in bytes.
-_LAYOUTS: dict[tuple[tuple[int, ...], tuple[int, ...], int], KernelLayout | None] = {}
+_TYPENUM = {torch.float32: np.dtype(np.float32).num, torch.float64: np.dtype(np.float64).num}
+
+# (rows, shape) -> its one KernelLayout
+_KERNEL_LAYOUTS: dict[tuple[bool, tuple[int, ...]], KernelLayout] = {}
+# (shape, strides, dtype) of a tensor -> the layout the kernels read it in,
+# or None: no zero-copy view (copy to contiguous). These three decide where
+# every value is, so a tensor that matches a key has its memory laid out as
+# the layout reads it, and its address is all the view still needs.
+_LAYOUTS: dict[tuple[tuple[int, ...], tuple[int, ...], torch.dtype], KernelLayout | None] = {}
 _CACHE_LIMIT = 4096  # a model fed ever new shapes: start over past this
 
 
-def _layout_of(a: np.ndarray) -> KernelLayout | None:
-    key = (a.shape, a.strides, a.itemsize)
+def _kernel_layout(rows: bool, shape: tuple[int, ...]) -> KernelLayout:
+    key = (rows, shape)
+    layout = _KERNEL_LAYOUTS.get(key)
+    if layout is None:
+        if len(_KERNEL_LAYOUTS) > _CACHE_LIMIT:
+            _KERNEL_LAYOUTS.clear()
+        layout = _KERNEL_LAYOUTS[key] = KernelLayout(rows, shape)
+    return layout
+
+
+def _layout_of(t: torch.Tensor, strides: tuple[int, ...], dtype: torch.dtype) -> KernelLayout | None:
+    """The layout the kernels read ``t`` in (a tensor of these strides and
+    dtype, float32 or float64, without a negative bit), found the first time
+    its shape, strides and dtype come, from NumPy's view of it."""
+    key = (t.shape, strides, dtype)
     try:
         return _LAYOUTS[key]
     except KeyError:
         pass
     if len(_LAYOUTS) > _CACHE_LIMIT:
         _LAYOUTS.clear()
-    shape = a.shape
+    a = t.detach().numpy()  # (a view, never a copy: no negative or conjugate bit)
+    shape = tuple(a.shape)
     # (N, C, 1, 1) is contiguous both ways: rows keep the channel loop innermost
     rows = len(shape) == 2 or math.prod(shape[2:]) == 1
     found = None
-    for layout in (KernelLayout(rows, shape), KernelLayout(True, shape)):
+    for layout in (_kernel_layout(rows, shape), _kernel_layout(True, shape)):
         if layout.view(a) is not None:
             found = layout
             break
@@ -137,18 +165,23 @@ def _layout_of(a: np.ndarray) -> KernelLayout | None:
 def kernel_input(x: torch.Tensor) -> KernelInput:
     """``x`` as the kernels read it: viewed in place when its strides allow,
     else copied to contiguous; float16 / bfloat16 widened to float32."""
-    if x.dtype not in KERNEL_DTYPES:
-        x = x.float()  # keeps the memory format
-    a = x.numpy(force=True)  # (a view: x is a CPU tensor)
-    layout = _layout_of(a)
-    if layout is None:
-        x = x.contiguous()
-        a = x.numpy(force=True)
-        layout = _layout_of(a)
-        assert layout is not None  # (a contiguous tensor always has one)
-    view = layout.view(a)
-    assert view is not None  # (the layout was found for these strides)
-    return KernelInput(x, view, layout)
+    dtype = x.dtype
+    widened = dtype not in KERNEL_DTYPES
+    if widened:
+        x, dtype = x.float(), torch.float32  # (keeps the memory format)
+    if x.is_neg():  # (a lazily negated view, e.g. the imaginary part of a conjugate)
+        x = x.resolve_neg()
+    strides = x.stride()
+    layout = _layout_of(x, strides, dtype)
+    array = None if layout is None else layout.array(x, dtype)
+    if layout is None or array is None:  # strides the kernels cannot read, or a misaligned address
+        x = x.clone(memory_format=torch.contiguous_format)
+        strides = x.stride()
+        layout = _layout_of(x, strides, dtype)
+        assert layout is not None  # (a new contiguous tensor always has one)
+        array = layout.array(x, dtype)
+        assert array is not None  # (and an aligned address)
+    return KernelInput(x, array, layout, strides, dtype, widened)
 
 
 def kernel_view(t: torch.Tensor, layout: KernelLayout, dtype: torch.dtype) -> np.ndarray:
@@ -156,15 +189,30 @@ def kernel_view(t: torch.Tensor, layout: KernelLayout, dtype: torch.dtype) -> np
     converted to ``dtype`` and copied only when its strides need it."""
     if t.dtype != dtype:
         t = t.to(dtype)
+    if t.is_neg():
+        t = t.resolve_neg()
+    view = layout.array(t, dtype) if _layout_of(t, t.stride(), dtype) is layout else None
+    if view is not None:
+        return view
     a = t.numpy(force=True)
     view = layout.view(a)
-    if view is None:  # e.g. an expanded gradient: one copy in the layout's order
-        view = layout.empty(t.dtype).array
+    if view is None or not view.flags.aligned:  # e.g. an expanded gradient: one copy in the layout's order
+        view = layout.empty(dtype).array
         if layout.rows:
-            view.reshape(layout.channels_last_shape)[...] = a.transpose(layout.channels_last_order)
+            shape = tuple(layout.shape[p] for p in layout.channels_last_order)
+            view.reshape(shape)[...] = a.transpose(layout.channels_last_order)
         else:
             view.reshape(layout.shape)[...] = a
     return view
+
+
+def new_vector(size: int, dtype: torch.dtype) -> KernelTensor:
+    """A new 1-D tensor of ``size`` values of ``dtype`` (float32 or float64)
+    and the kernels' view of it."""
+    t = torch.empty(size, dtype=dtype)
+    array = array_over(t, t.data_ptr(), (size,), _TYPENUM[dtype])
+    assert array is not None  # (torch allocates aligned memory)
+    return KernelTensor(array, t)
 
 
 class _ArrayOf:

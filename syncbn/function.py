@@ -26,11 +26,11 @@ from . import _kernels
 from ._views import (
     KERNEL_DTYPES,
     KernelInput,
-    KernelLayout,
     KernelTensor,
     LayerArrays,
     kernel_input,
     kernel_view,
+    new_vector,
 )
 from .comm import Communicator
 
@@ -187,9 +187,7 @@ class _Forward(NamedTuple):
     """What the forward computed, and what its backward reuses."""
 
     output: torch.Tensor
-    input: torch.Tensor  # the tensor the kernels read: the input itself unless it was copied
-    input_view: np.ndarray
-    layout: KernelLayout
+    input: KernelInput  # what the kernels read: the input itself unless it was copied
     statistics: BatchStatistics
     weight_view: np.ndarray | None
     # the pre-activation bn(x) + residual, kept when the activation's
@@ -211,13 +209,13 @@ def _fused_output(
     """For a normalization of ``like`` (the kernels' input)."""
     if residual is None and activation == _kernels.ACT_NONE:
         return _FusedOutput({}, None)
-    layout, kernel_dtype = like.layout, like.tensor.dtype
+    layout, kernel_dtype = like.layout, like.dtype
     kwargs: dict[str, Any] = {"activation": activation, "negative_slope": negative_slope}
     if residual is not None:
         kwargs["residual"] = kernel_view(residual, layout, kernel_dtype)
     preactivation = None
     if not _kernels.activation_uses_output(activation, negative_slope):
-        preactivation = layout.new_like(like.tensor, kernel_dtype)
+        preactivation = layout.new(like.strides, kernel_dtype)
         kwargs["preact"] = preactivation.array
     return _FusedOutput(kwargs, preactivation)
 
@@ -237,8 +235,8 @@ def _forward(
     weight_view = _layer_param(args, "weight", weight)
     stats = statistics.stats
     if stats is None:
-        return _Forward(torch.empty_like(x), kx.tensor, kx.array, kx.layout, statistics, weight_view)
-    out = kx.layout.new_like(kx.tensor, kx.tensor.dtype)
+        return _Forward(torch.empty_like(x), kx, statistics, weight_view)
+    out = kx.layout.new(kx.strides, kx.dtype)
     fused = _fused_output(residual, args.activation, args.negative_slope, kx)
     _kernels.normalize(
         kx.array,
@@ -250,9 +248,9 @@ def _forward(
         num_threads,
         **fused.kwargs,
     )
-    y = out.tensor if out.tensor.dtype == x.dtype else out.tensor.to(x.dtype)
+    y = out.tensor.to(x.dtype) if kx.widened else out.tensor
     preactivation = None if fused.preactivation is None else fused.preactivation.tensor
-    return _Forward(y, kx.tensor, kx.array, kx.layout, statistics, weight_view, preactivation)
+    return _Forward(y, kx, statistics, weight_view, preactivation)
 
 
 def _forward_alone(
@@ -272,12 +270,10 @@ def _forward_alone(
     _check_count(count, kx.array)
     weight_view = _layer_param(args, "weight", weight)
     if count == 0:
-        return _Forward(
-            torch.empty_like(x), kx.tensor, kx.array, kx.layout, BatchStatistics(0.0, None), weight_view
-        )
+        return _Forward(torch.empty_like(x), kx, BatchStatistics(0.0, None), weight_view)
     stats = np.empty((3, C))
     running = _running_views(args)
-    out = kx.layout.new_like(kx.tensor, kx.tensor.dtype)
+    out = kx.layout.new(kx.strides, kx.dtype)
     fused = _fused_output(residual, args.activation, args.negative_slope, kx)
     _kernels.local_forward(
         kx.array,
@@ -296,11 +292,9 @@ def _forward_alone(
     )
     if running is not None:
         _running_done(args, running)
-    y = out.tensor if out.tensor.dtype == x.dtype else out.tensor.to(x.dtype)
+    y = out.tensor.to(x.dtype) if kx.widened else out.tensor
     preactivation = None if fused.preactivation is None else fused.preactivation.tensor
-    return _Forward(
-        y, kx.tensor, kx.array, kx.layout, BatchStatistics(count, stats), weight_view, preactivation
-    )
+    return _Forward(y, kx, BatchStatistics(count, stats), weight_view, preactivation)
 
 
 def normalize_with_running_stats(
@@ -319,7 +313,7 @@ def normalize_with_running_stats(
     kx = kernel_input(x)
     mean = running_mean.detach().to(torch.float64).numpy()
     invstd = (running_var.detach().to(torch.float64) + eps).rsqrt_().numpy()
-    out = kx.layout.new_like(kx.tensor, kx.tensor.dtype)
+    out = kx.layout.new(kx.strides, kx.dtype)
     fused = _fused_output(residual, activation, negative_slope, kx)
     _kernels.normalize(
         kx.array,
@@ -347,22 +341,25 @@ class _Saved:
         "layout",
         "negative_slope",
         "statistics",
+        "strides",
         "weight_view",
     )
 
     def __init__(
         self, forward: _Forward, x: torch.Tensor, bias: torch.Tensor | None, args: LayerArgs
     ) -> None:
-        kernel_dtype = forward.input.dtype
+        kx = forward.input
+        kernel_dtype = kx.dtype
         # the kernels' view of the input, when the input saved is that tensor
-        self.input_view: np.ndarray | None = forward.input_view if kernel_dtype == x.dtype else None
+        self.input_view: np.ndarray | None = None if kx.widened else kx.array
         self.weight_view = forward.weight_view
-        self.layout = forward.layout
+        self.layout = kx.layout
+        self.strides = kx.strides
         self.statistics = forward.statistics
         self.comm = args.comm
         self.activation = args.activation
         self.negative_slope = args.negative_slope
-        self.input_dtype = x.dtype
+        self.input_dtype = x.dtype if kx.widened else kernel_dtype
         self.kernel_dtype = kernel_dtype
         self.bias_dtype = None if bias is None else bias.dtype
 
@@ -376,16 +373,13 @@ def _vector_dtype(dtype: torch.dtype) -> torch.dtype:
 def _grad_vector(dtype: torch.dtype, C: int) -> tuple[np.ndarray, torch.Tensor]:
     """A new (C,) parameter gradient: the array a kernel writes, and the tensor
     over it, of dtype ``_vector_dtype(dtype)``."""
-    a = np.empty(C, np.float32 if dtype == torch.float32 else np.float64)
-    return a, torch.from_numpy(a)
+    grad = new_vector(C, _vector_dtype(dtype))
+    return grad.array, grad.tensor
 
 
-def _new_grad(saved: _Saved, x: torch.Tensor) -> KernelTensor:
-    """A new gradient of the input's shape: with the input's strides when the
-    kernels read the input in place, else in the layout's own order."""
-    if saved.input_view is not None:
-        return saved.layout.new_like(x, saved.kernel_dtype)
-    return saved.layout.empty(saved.kernel_dtype)
+def _new_grad(saved: _Saved) -> KernelTensor:
+    """A new gradient of the input's shape, with the strides of the tensor the kernels read."""
+    return saved.layout.new(saved.strides, saved.kernel_dtype)
 
 
 def _as(t: torch.Tensor | None, have: torch.dtype | None, want: torch.dtype | None) -> torch.Tensor | None:
@@ -427,7 +421,7 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ..
     dz_view, grad_r = dy_view, (grad_out if need_r else None)
     dz: KernelTensor | None = None
     if saved.activation != _kernels.ACT_NONE:
-        dz = _new_grad(saved, x)
+        dz = _new_grad(saved)
         dz_view = dz.array
         grad_r = dz.tensor if need_r else None
         activation = {
@@ -437,7 +431,7 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ..
             "grad_preact": dz.array,
         }
     # the input gradient overwrites dz when nothing else needs it
-    dx = (dz if dz is not None and not need_r else _new_grad(saved, x)) if need_x else None
+    dx = (dz if dz is not None and not need_r else _new_grad(saved)) if need_x else None
     if saved.comm.size == 1:
         # a group of one: the reduction and the input gradient in one call
         _kernels.local_backward(
@@ -513,7 +507,7 @@ def _save(
     activation_saved = None
     if args.activation != _kernels.ACT_NONE:
         activation_saved = forward.output if forward.preactivation is None else forward.preactivation
-    ctx.save_for_backward(forward.input if forward.input.dtype == x.dtype else x, weight, activation_saved)
+    ctx.save_for_backward(x if forward.input.widened else forward.input.tensor, weight, activation_saved)
     ctx.saved = _Saved(forward, x, bias, args)
 
 
