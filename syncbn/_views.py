@@ -48,8 +48,9 @@ class KernelTensor(NamedTuple):
 class KernelLayout:
     """One layout of one logical shape ``(N, C, *spatial)``.
 
-    Made once per (rows, shape) by :func:`_kernel_layout`, so that two
-    tensors read in the same layout have the same layout object.
+    Made once per (rows, shape) by :func:`_kernel_layout` (until the caches
+    start over), so that two tensors read in the same layout have the same
+    layout object.
 
     Attributes:
         rows: the rows layout ``(M, C)``; else runs ``(N, C, L)``.
@@ -118,7 +119,7 @@ class KernelInput(NamedTuple):
 
 _TYPENUM = {torch.float32: np.dtype(np.float32).num, torch.float64: np.dtype(np.float64).num}
 
-# (rows, shape) -> its one KernelLayout
+# (rows, shape) -> its one KernelLayout (starts over with _LAYOUTS)
 _KERNEL_LAYOUTS: dict[tuple[bool, tuple[int, ...]], KernelLayout] = {}
 # (shape, strides, dtype) of a tensor -> the layout the kernels read it in,
 # or None: no zero-copy view (copy to contiguous). These three decide where
@@ -132,10 +133,14 @@ def _kernel_layout(rows: bool, shape: tuple[int, ...]) -> KernelLayout:
     key = (rows, shape)
     layout = _KERNEL_LAYOUTS.get(key)
     if layout is None:
-        if len(_KERNEL_LAYOUTS) > _CACHE_LIMIT:
-            _KERNEL_LAYOUTS.clear()
         layout = _KERNEL_LAYOUTS[key] = KernelLayout(rows, shape)
     return layout
+
+
+def _same(a: KernelLayout | None, b: KernelLayout) -> bool:
+    """Whether ``a`` is the layout ``b`` (the same object, unless the caches
+    started over in between)."""
+    return a is b or (a is not None and a.rows == b.rows and a.shape == b.shape)
 
 
 def _layout_of(t: torch.Tensor, strides: tuple[int, ...], dtype: torch.dtype) -> KernelLayout | None:
@@ -149,6 +154,7 @@ def _layout_of(t: torch.Tensor, strides: tuple[int, ...], dtype: torch.dtype) ->
         pass
     if len(_LAYOUTS) > _CACHE_LIMIT:
         _LAYOUTS.clear()
+        _KERNEL_LAYOUTS.clear()
     a = t.detach().numpy()  # (a view, never a copy: no negative or conjugate bit)
     shape = tuple(a.shape)
     # (N, C, 1, 1) is contiguous both ways: rows keep the channel loop innermost
@@ -191,7 +197,7 @@ def kernel_view(t: torch.Tensor, layout: KernelLayout, dtype: torch.dtype) -> np
         t = t.to(dtype)
     if t.is_neg():
         t = t.resolve_neg()
-    view = layout.array(t, dtype) if _layout_of(t, t.stride(), dtype) is layout else None
+    view = layout.array(t, dtype) if _same(_layout_of(t, t.stride(), dtype), layout) else None
     if view is not None:
         return view
     a = t.numpy(force=True)
