@@ -9,8 +9,9 @@ The kernels take two layouts of an ``(N, C, *spatial)`` tensor:
 
 Contiguous and channels-last inputs are viewed in place; only other strides
 (or float16 / bfloat16, widened to float32) cost a copy. Everything here is
-on the per-call path, so layouts are made once per (shape, strides, item
-size) and kept in one cache.
+on the per-call path, so the layout of a (shape, strides, dtype) is worked
+out once, through NumPy's view of the tensor, and kept in a cache; after
+that, a tensor's view is made from its address (syncbn/_memory.pyx).
 """
 
 from __future__ import annotations
