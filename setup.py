@@ -11,10 +11,17 @@ Environment variables:
                          chosen at import by the CPU's features; set: one variant named after
                          the -march value (say "native"), or "generic" when empty or refused
   SYNCBN_VEC_REPORT=1    print gcc's vectorization report (-fopt-info-vec-optimized)
+  SYNCBN_NO_LOCAL_NODE=1 do not build syncbn._local_node, even where torch is importable
+
+syncbn._local_node, the C++ autograd node of a group of one process, is built
+against the torch that this build can import: with pip, `--no-build-isolation`
+beside an installed torch (an isolated build has no torch, and the package then
+runs its Python path alone). It needs a C++ compiler; without one it is skipped.
 """
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -190,11 +197,45 @@ shm_ext = Extension(
     extra_compile_args=[a for a in compile_args if a not in REASSOC and a != "-fopenmp"],
 )
 
+
+def _local_node_ext() -> "tuple[Extension | None, str]":
+    """syncbn._local_node, built against the importable torch, or None, and why."""
+    if _flag("SYNCBN_NO_LOCAL_NODE"):
+        return None, "off (SYNCBN_NO_LOCAL_NODE)"
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        return None, "off (no torch to build against: an isolated build; see pip's --no-build-isolation)"
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    if shutil.which(cxx.split()[0]) is None:
+        return None, f"off (no C++ compiler: {cxx!r} not found)"
+    # (the torch version is compiled in: the loader uses the node only with the
+    # torch it was built against, whose C++ ABI it shares)
+    return Extension(
+        "syncbn._local_node",
+        ["syncbn/_local_node.cpp"],
+        include_dirs=cpp_extension.include_paths(),
+        library_dirs=cpp_extension.library_paths(),
+        libraries=["c10", "torch", "torch_cpu", "torch_python"],
+        define_macros=[
+            ("SYNCBN_TORCH_VERSION", _c_string(torch.__version__)),
+            ("TORCH_API_INCLUDE_EXTENSION_H", None),
+            ("_GLIBCXX_USE_CXX11_ABI", str(int(torch._C._GLIBCXX_USE_CXX11_ABI))),
+        ],
+        extra_compile_args=["-O2", "-std=c++20"],
+        language="c++",
+    ), f"on (torch {torch.__version__})"
+
+
+local_node_ext, local_node = _local_node_ext()
+print(f"syncbn build: the C++ node of a group of one (syncbn._local_node) {local_node}", file=sys.stderr)
+
 # The sources do not change when only the SYNCBN_* variables do, so the file
 # dates alone would keep a stale build (say, one without OpenMP, or with the
 # Cython checks, after switching back): rebuild whenever the configuration of
 # the last build differs.
-CONFIG = repr((variants, compile_args, link_args, macros, sorted(directives.items())))
+CONFIG = repr((variants, compile_args, link_args, macros, sorted(directives.items()), local_node))
 STAMP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build",
                      "syncbn-build-config.txt")
 
@@ -218,6 +259,7 @@ class BuildExt(build_ext):
             self.force = True
         super().run()
         self._remove_stale_kernels()
+        self._remove_stale_local_node()
         os.makedirs(os.path.dirname(STAMP), exist_ok=True)
         with open(STAMP, "w") as f:
             f.write(CONFIG)
@@ -236,8 +278,18 @@ class BuildExt(build_ext):
                 os.remove(path)
 
 
+    def _remove_stale_local_node(self) -> None:
+        """Remove an earlier build's syncbn._local_node from an in-place build's syncbn/
+        when this build has none: it was built against a torch this build did not see."""
+        if local_node_ext is not None:
+            return
+        where = os.path.dirname(os.path.abspath(self.get_ext_fullpath("syncbn._cpu")))
+        for path in glob.glob(os.path.join(where, "_local_node*" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))):
+            os.remove(path)
+
+
 setup(ext_modules=cythonize([*kernel_exts, cpu_ext, memory_ext, shm_ext], compiler_directives=directives,
                             include_path=["syncbn"],
                             # a changed directive must regenerate the C file
-                            force=changed),
+                            force=changed) + ([local_node_ext] if local_node_ext is not None else []),
       cmdclass={"build_ext": BuildExt})

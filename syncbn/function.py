@@ -6,6 +6,10 @@ Backward: local ``[sum dy, sum dy*(x-mean)]`` (kernel) -> one allreduce ->
 input gradient (kernel). Weight and bias gradients stay local: like any
 parameter gradient, the data-parallel wrapper averages them.
 
+A group of one process goes through the C++ node of syncbn/_local_node.cpp
+instead when it was built (see syncbn/_local_path.py): the same kernels,
+without the Python around them; calls the node cannot take come here.
+
 Every rank must issue the same collectives in the same order, so nothing in
 this file may raise on one rank only between entering the first collective
 and leaving the last: errors that depend on local data are raised by the
@@ -23,6 +27,7 @@ from torch.autograd.function import once_differentiable
 from torch.autograd.graph import increment_version
 
 from . import _kernels
+from ._local_path import NODE
 from ._views import (
     KERNEL_DTYPES,
     KernelInput,
@@ -586,6 +591,24 @@ def sync_batch_norm(
     """
     fused = residual is not None or args.activation != _kernels.ACT_NONE
     out: torch.Tensor
+    if NODE is not None and args.comm.size == 1 and not torch._C._are_functorch_transforms_active():
+        # a group of one: the C++ node, unless the call needs the Python path
+        taken = NODE.forward(
+            x,
+            weight,
+            bias,
+            residual,
+            args.running_mean,
+            args.running_var,
+            args.num_batches_tracked,
+            args.eps,
+            args.momentum,
+            args.shift,
+            args.activation,
+            args.negative_slope,
+        )
+        if taken is not None:
+            return taken  # type: ignore[no-any-return]
     if not needs_grad(x, weight, bias, residual):
         return _forward(x, weight, bias, args, residual).output
     if torch._C._are_functorch_transforms_active():

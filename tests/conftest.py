@@ -45,3 +45,13 @@ def normal_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     """No ``SYNCBN_DEBUG`` from the caller's environment: layers built without
     ``debug=`` are in the normal mode, one collective per pass."""
     monkeypatch.delenv("SYNCBN_DEBUG", raising=False)
+
+
+@pytest.fixture
+def python_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training calls of a group of one through the Python function, not the
+    C++ node (syncbn/_local_node.cpp): for tests of the Python path's own
+    steps (its views, its saved state, its autograd node)."""
+    from syncbn import function
+
+    monkeypatch.setattr(function, "NODE", None)

@@ -58,6 +58,7 @@ def test_a_view_is_reused_while_the_tensor_keeps_its_memory() -> None:
     assert again is first and again[0] == 3
 
 
+@pytest.mark.usefixtures("python_path")
 def test_the_layer_reuses_its_views_from_call_to_call() -> None:
     ours, ref = _pair()
     _check_same(ours, ref, seed=0)
@@ -103,6 +104,7 @@ def test_a_changed_tensor_gets_a_new_view(change: Callable[[nn.Module], None]) -
     _check_same(ours, ref, seed=2)
 
 
+@pytest.mark.usefixtures("python_path")
 def test_a_dtype_conversion_gets_new_views() -> None:
     ours, ref = _pair()
     _check_same(ours, ref, seed=0)
@@ -144,6 +146,7 @@ def test_a_copy_of_the_layer_starts_without_views(copier: Callable[[nn.Module], 
     _check_same(ours, ref, seed=1)
 
 
+@pytest.mark.usefixtures("python_path")
 def test_stale_view_would_be_caught() -> None:
     """Negative control: a layer that kept a view of the old memory after
     ``.data`` was assigned would compute with the old weight; the check above

@@ -563,6 +563,7 @@ def test_functorch_transforms_are_refused_clearly(transform: str) -> None:
             torch.func.grad(lambda t: layer(t).sum())(x[0])
 
 
+@pytest.mark.usefixtures("python_path")
 def test_training_call_records_the_backward_node() -> None:
     for layer, name in ((syncbn.SyncBatchNorm(C, process_group="local"), "SyncBatchNormFunctionBackward"),
                         (syncbn.SyncBatchNorm(C, process_group="local", activation="relu"),

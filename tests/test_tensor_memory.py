@@ -233,6 +233,7 @@ def test_half_input_gradient_keeps_the_memory_format(dtype: torch.dtype) -> None
     assert xa.grad.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.usefixtures("python_path")
 def test_layout_caches_that_start_over_between_forward_and_backward(monkeypatch) -> None:
     # a model fed ever new shapes makes the caches start over, possibly
     # between a forward and its backward: the backward must still read its

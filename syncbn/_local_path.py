@@ -1,0 +1,52 @@
+"""The C++ autograd node of a group of one process (syncbn/_local_node.cpp), when it can be used.
+
+A training call whose communicator has one process goes to
+:data:`NODE` ``.forward`` first; it takes the call when the input and the
+layer's tensors are as the kernels read them (float32 / float64, contiguous
+or channels-last, at least 2 values per channel, the residual laid out as the
+input) and returns None otherwise, having changed nothing, so that the
+Python function takes it. Both run the same kernels, so they compute the same
+values; the node saves the Python around the kernel calls.
+
+The node is compiled against torch's C++ API, so it is used only with the
+torch it was built against. :data:`STATUS` says whether it is in use, and
+why not when it is not:
+
+* not built: an isolated build (pip's default) has no torch to build
+  against; ``pip install --no-build-isolation`` beside an installed torch
+  builds it, as does ``SYNCBN_NO_LOCAL_NODE`` unset with a C++ compiler;
+* built against another torch version than the one imported;
+* ``SYNCBN_LOCAL_NODE=0`` in the environment (read at import).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+from . import _kernels
+
+__all__ = ["NODE", "STATUS"]
+
+
+def _load() -> tuple[ModuleType | None, str]:
+    if os.environ.get("SYNCBN_LOCAL_NODE", "").strip().lower() in ("0", "false", "no", "off"):
+        return None, "off (SYNCBN_LOCAL_NODE=0)"
+    if importlib.util.find_spec("syncbn._local_node") is None:
+        return None, "not built (pip install --no-build-isolation builds it; see docs/design.md)"
+    try:
+        from . import _local_node
+    except ImportError as error:
+        return None, f"not loaded ({error})"
+    if torch.__version__ != _local_node.TORCH_VERSION:
+        return None, f"not used: built against torch {_local_node.TORCH_VERSION}, running {torch.__version__}"
+    _local_node.bind(
+        _kernels.local_forward, _kernels.local_backward, _kernels.activation_uses_output, _kernels.ACT_NONE
+    )
+    return _local_node, "in use"
+
+
+NODE, STATUS = _load()

@@ -1,0 +1,228 @@
+"""The C++ autograd node of a group of one process (syncbn/_local_node.cpp).
+
+A training call in one process goes through the node when the tensors are as
+the kernels read them, and through the Python function otherwise. Both run
+the same kernels: here the node's outputs, gradients and buffers are checked
+against the Python path's and against torch's batch norm (with a negative
+control), and the calls the node must leave to Python are checked to go
+there. The rest of the suite runs through the node wherever it takes a call.
+
+Skipped where the node is not in use (an isolated build, as in the package
+check, has none; the reason is syncbn.build_info()["local_node"]).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import syncbn
+from syncbn import _local_path, function
+from batchnorm_data import LAYOUTS, TOL, batch
+
+pytestmark = pytest.mark.skipif(
+    _local_path.NODE is None, reason=f"the C++ node is not in use: {_local_path.STATUS}"
+)
+
+C = 3
+NODE_NAME = "torch::autograd::CppNode<syncbn::LocalBatchNorm>"
+ACTIVATIONS = [None, "relu", "relu6", "leaky_relu", "silu"]
+
+
+def _node_taken(y: torch.Tensor) -> bool:
+    return y.grad_fn is not None and y.grad_fn.name() == NODE_NAME
+
+
+def _run(layer: syncbn.SyncBatchNorm, x: torch.Tensor, g: torch.Tensor,
+         residual: Optional[torch.Tensor] = None) -> dict[str, Any]:
+    """One training step: output, every gradient and the layer's buffers."""
+    x = x.clone().requires_grad_()
+    r = None if residual is None else residual.clone().requires_grad_()
+    y = layer(x) if r is None else layer(x, r)
+    taken = _node_taken(y)
+    y.backward(g)
+    out = {"y": y.detach(), "x.grad": x.grad, "taken": taken}
+    if r is not None:
+        out["residual.grad"] = r.grad
+    for name, p in layer.named_parameters():
+        out[name + ".grad"] = p.grad
+    out.update({name: b.clone() for name, b in layer.named_buffers()})
+    return out
+
+
+def _python_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(function, "NODE", None)
+
+
+def _compare(a: dict[str, Any], b: dict[str, Any], dtype: torch.dtype) -> None:
+    for key in a:
+        if key == "taken":
+            continue
+        torch.testing.assert_close(a[key], b[key], **TOL[dtype], msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_node_equals_python_path(monkeypatch: pytest.MonkeyPatch, layout: str, dtype: torch.dtype,
+                                 activation: Optional[str], with_residual: bool) -> None:
+    shape, _, fmt = LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(1)
+    x, g = batch(shape, gen, dtype, fmt)
+    residual = torch.randn(shape, generator=gen, dtype=dtype).contiguous(memory_format=fmt) if with_residual else None
+    layer = syncbn.SyncBatchNorm(C, dtype=dtype, activation=activation, negative_slope=0.2,
+                                 process_group="local")
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5, generator=gen)
+        layer.bias.uniform_(-0.5, 0.5, generator=gen)
+    twin = copy.deepcopy(layer)
+    through_node = [_run(layer, x, g, residual) for _ in range(2)]
+    _python_path(monkeypatch)
+    through_python = [_run(twin, x, g, residual) for _ in range(2)]
+    for a, b in zip(through_node, through_python):
+        assert a["taken"] and not b["taken"]
+        _compare(a, b, dtype)
+    assert torch.equal(layer.num_batches_tracked, torch.tensor(2))
+    assert torch.equal(torch.from_numpy(layer._shift), torch.from_numpy(twin._shift))
+
+
+@pytest.mark.parametrize("options", [
+    dict(affine=False), dict(momentum=None), dict(track_running_stats=False), dict(momentum=0.3),
+])
+def test_node_against_torch_batch_norm(options: dict[str, Any]) -> None:
+    gen = torch.Generator().manual_seed(2)
+    ours = syncbn.SyncBatchNorm(C, dtype=torch.float64, process_group="local", **options)
+    ref = torch.nn.BatchNorm2d(C, dtype=torch.float64, **options)
+    for step in range(3):
+        x, g = batch((4, C, 5, 6), gen, torch.float64, torch.channels_last if step == 1 else torch.contiguous_format)
+        a, b = _run(ours, x, g), _run(ref, x, g)
+        assert a["taken"] and not b["taken"]
+        _compare(a, b, torch.float64)
+
+
+def test_comparison_with_torch_can_fail() -> None:
+    # negative control: another eps gives other outputs, and the comparison says so
+    gen = torch.Generator().manual_seed(3)
+    x, g = batch((4, C, 5, 6), gen, torch.float64)
+    a = _run(syncbn.SyncBatchNorm(C, eps=1e-1, dtype=torch.float64, process_group="local"), x, g)
+    b = _run(torch.nn.BatchNorm2d(C, dtype=torch.float64), x, g)
+    assert a["taken"]
+    with pytest.raises(AssertionError, match="y"):
+        _compare(a, b, torch.float64)
+
+
+def test_running_statistics_are_versioned_like_torch_buffers() -> None:
+    layer = syncbn.SyncBatchNorm(C, process_group="local")
+    before = [layer.running_mean._version, layer.running_var._version, layer.num_batches_tracked._version]
+    y = layer(torch.randn(4, C, 5, requires_grad=True))
+    assert _node_taken(y)
+    after = [layer.running_mean._version, layer.running_var._version, layer.num_batches_tracked._version]
+    assert all(b > a for a, b in zip(before, after)), (before, after)
+
+
+def _strided(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.randn(shape[0], shape[2], shape[1], shape[3]).transpose(1, 2)
+
+
+def _misaligned(shape: tuple[int, ...]) -> torch.Tensor:
+    values = torch.randn(shape)
+    buffer = bytearray(values.numel() * 4 + 8)
+    start = (-torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()) % 4 + 2  # 2 bytes off
+    out = torch.frombuffer(buffer, dtype=torch.float32, count=values.numel(), offset=start).view(shape)
+    out.copy_(values)
+    assert out.data_ptr() % 4 != 0
+    return out
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(_strided, id="other strides"),
+    pytest.param(lambda s: torch.randn(s, dtype=torch.float16), id="float16"),
+    pytest.param(lambda s: torch.randn(s, dtype=torch.bfloat16), id="bfloat16"),
+    pytest.param(_misaligned, id="misaligned"),
+    pytest.param(lambda s: torch._neg_view(torch.randn(s)), id="negated"),
+])
+def test_calls_the_kernels_cannot_read_go_to_python(make: Any) -> None:
+    shape = (4, C, 5, 6)
+    x = make(shape)
+    layer = syncbn.SyncBatchNorm(C, dtype=torch.float32, process_group="local")
+    ref = torch.nn.BatchNorm2d(C)
+    xa = x.detach().clone().requires_grad_()
+    y = layer(x.detach().requires_grad_())
+    assert y.grad_fn is not None and not _node_taken(y)
+    torch.testing.assert_close(y.float(), ref(xa.float()), atol=1e-2, rtol=1e-2)
+
+
+def test_frozen_parameters_and_residual_gradients() -> None:
+    # which gradients the node computes follows which inputs need one
+    gen = torch.Generator().manual_seed(4)
+    x, g = batch((4, C, 5, 6), gen, torch.float64)
+    r = torch.randn(4, C, 5, 6, generator=gen, dtype=torch.float64)
+    ours = syncbn.SyncBatchNorm(C, dtype=torch.float64, activation="relu", process_group="local")
+    ours.weight.requires_grad_(False)
+    rr = r.clone().requires_grad_()
+    y = ours(x, rr)  # x needs no gradient: only the residual and the bias do
+    assert _node_taken(y)
+    y.backward(g)
+    xr = x.clone()
+    ref = F.relu(F.batch_norm(xr, None, None, ours.weight, torch.zeros(C, dtype=torch.float64,
+                                                                       requires_grad=True), True) + r)
+    ref_grad = g * (ref > 0)
+    torch.testing.assert_close(rr.grad, ref_grad)
+    torch.testing.assert_close(ours.bias.grad, ref_grad.sum((0, 2, 3)))
+    assert ours.weight.grad is None
+
+
+@pytest.mark.parametrize("grad_form", ["channels_last", "expanded", "negated"])
+def test_output_gradient_in_another_layout(grad_form: str) -> None:
+    gen = torch.Generator().manual_seed(5)
+    x, g = batch((4, C, 5, 6), gen, torch.float64)
+    if grad_form == "channels_last":
+        g_in = g.contiguous(memory_format=torch.channels_last)
+    elif grad_form == "expanded":
+        g = g[:1].expand_as(g)
+        g_in = g
+    else:
+        g_in = torch._neg_view(-g)
+    ours = syncbn.SyncBatchNorm(C, dtype=torch.float64, process_group="local")
+    ref = torch.nn.BatchNorm2d(C, dtype=torch.float64)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = ours(a)
+    assert _node_taken(ya)
+    ya.backward(g_in)
+    ref(b).backward(g)
+    torch.testing.assert_close(a.grad, b.grad, **TOL[torch.float64])
+
+
+def test_input_modified_in_place_before_backward_is_refused() -> None:
+    layer = syncbn.SyncBatchNorm(C, process_group="local")
+    leaf = torch.randn(4, C, 5, requires_grad=True)
+    h = leaf * 1.0
+    y = layer(h)
+    assert _node_taken(y)
+    with torch.no_grad():
+        h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_double_backward_is_refused() -> None:
+    layer = syncbn.SyncBatchNorm(C, dtype=torch.float64, process_group="local")
+    x = torch.randn(4, C, 5, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert _node_taken(y)
+    gx, = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
+    assert gx.requires_grad
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (gx.square().sum() + x.sum()).backward()
+
+
+def test_a_weight_of_another_length_is_still_refused() -> None:
+    # (the node leaves it to the Python path, whose kernels refuse it)
+    layer = syncbn.SyncBatchNorm(C, process_group="local")
+    layer.weight = torch.nn.Parameter(torch.ones(C + 1))
+    with pytest.raises(ValueError, match="weight"):
+        layer(torch.randn(4, C, 5, requires_grad=True))
