@@ -8,6 +8,12 @@ backward_input against the backward. All of a shape's functions run in
 interleaved rounds, so a neighbour's load hits them alike, and the table
 shows medians over the rounds and the ratios of those medians.
 
+One process's backward is one call, local_backward (the reduction and the
+input gradient channel by channel); it is timed beside the operator torch's
+batch-norm backward node runs, ``native_batch_norm_backward`` (input,
+weight and bias gradients): the arithmetic alone on both sides, without
+autograd.
+
 Targets (1 thread): local_stats within 1.5x of torch.sum, and local_stats +
 normalize at least 3x faster than the torch forward.
 
@@ -49,6 +55,12 @@ CASES = [
     ("32x64x32x32", (32, 64, 32, 32), "cf"),
     ("8x256x14x14 channels-last", (8, 256, 14, 14), "cl"),
     ("256x1024", (256, 1024), "2d"),
+]
+# small layers of the networks of scripts/bench_net.py: timed, not held to the targets
+SMALL_CASES = [
+    ("8x16x32x32", (8, 16, 32, 32), "cf"),
+    ("8x64x8x8", (8, 64, 8, 8), "cf"),
+    ("8x1280x4x4", (8, 1280, 4, 4), "cf"),
 ]
 
 BLOCK_SECONDS = 0.002   # each function runs this long per round, at least once
@@ -92,6 +104,9 @@ def functions(shape: tuple[int, ...], layout: str, nt: int) -> dict[str, Callabl
     K.backward_reduce(dyv, xv, mean, sums, nt)
     mean_dy, mean_dy_xmu = sums[:C] / n, sums[C:] / n
 
+    grad_weight, grad_bias = np.empty(C), np.empty(C)
+    weight_t = torch.ones(C)
+    mean_t, invstd_t = torch.from_numpy(mean).float(), torch.from_numpy(invstd).float()
     xg = x.clone().requires_grad_(True)
     yg = F.batch_norm(xg, None, None, training=True)
     return {
@@ -104,6 +119,10 @@ def functions(shape: tuple[int, ...], layout: str, nt: int) -> dict[str, Callabl
         "backward_reduce": lambda: K.backward_reduce(dyv, xv, mean, sums, nt),
         "backward_input": lambda: K.backward_input(dyv, xv, mean, invstd, weight, mean_dy,
                                                    mean_dy_xmu, dx, nt),
+        "native bwd": lambda: torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight_t, None, None, mean_t, invstd_t, True, 1e-5, [True, True, True]),
+        "local_backward": lambda: K.local_backward(dyv, xv, mean, invstd, weight, dx, grad_weight,
+                                                   grad_bias, nt),
     }
 
 
@@ -174,12 +193,12 @@ def main(argv: list[str] | None = None) -> int:
           "(higher is better, target >= 3 for the forward).\n")
     print(row(["shape", "thr", "torch.sum", "copy", "local_stats", "stats / sum", "normalize",
                "bn fwd", "fwd speed-up", "bound", "backward_reduce", "backward_input",
-               "bn bwd", "bwd speed-up"]))
-    print(row(["---"] + ["---:"] * 13))
+               "bn bwd", "bwd speed-up", "local_backward", "native bwd", "local / native"]))
+    print(row(["---"] + ["---:"] * 16))
     verdicts = []
     for nt in threads:
         torch.set_num_threads(nt)
-        for label, shape, layout in CASES:
+        for label, shape, layout in CASES + SMALL_CASES:
             t = measure(functions(shape, layout, nt), args.repeats, clock)
             stats_ratio = t["local_stats"] / t["torch.sum"]
             fwd = t["bn fwd"] / (t["local_stats"] + t["normalize"])
@@ -188,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             print(row([label, nt, us(t["torch.sum"]), us(t["copy"]), us(t["local_stats"]),
                        f"{stats_ratio:.2f}", us(t["normalize"]), us(t["bn fwd"]),
                        f"{fwd:.1f}x", f"{bound:.1f}x", us(t["backward_reduce"]),
-                       us(t["backward_input"]), us(t["bn bwd"]), f"{bwd:.1f}x"]), flush=True)
-            if nt == 1:
+                       us(t["backward_input"]), us(t["bn bwd"]), f"{bwd:.1f}x", us(t["local_backward"]),
+                       us(t["native bwd"]), f"{t['local_backward'] / t['native bwd']:.2f}"]), flush=True)
+            if nt == 1 and (label, shape, layout) in CASES:
                 verdicts.append((label, stats_ratio, fwd, bound))
     if verdicts:
         print("\n## Targets (1 thread)\n")

@@ -45,6 +45,7 @@ from _jobs import find_launcher, run_json_job
 from _provenance import cpu_name, git_state
 from _net_modes import MODES
 from networks import NETWORKS
+import syncbn  # (importable: bench put the checkout on sys.path if needed)
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_net_worker.py"
@@ -265,7 +266,8 @@ def render(doc: dict[str, Any]) -> str:
            f"{meta['rounds']} rounds after {meta['warmup']} warm-up steps, {meta['threads']} thread(s) per process"
            f"{', channels_last' if meta['channels_last'] else ''}"
            f"{', torch.compile' if meta.get('compile') else ''}{' (quick)' if meta['quick'] else ''}; "
-           f"load average {meta['load_before']:.2f} before, {meta['load_after']:.2f} after.", "",
+           f"load average {meta['load_before']:.2f} before, {meta['load_after']:.2f} after; "
+           f"syncbn's C++ node of one process: {meta.get('local_node', 'n/a')}.", "",
            "Step: zero_grad, forward, cross-entropy, backward, SGD step; DDP (gloo) with more than one "
            "process. Median over rounds of the slowest rank's step; contenders interleaved. "
            "Ratios of medians (< 1: the first is faster). floor = torch BN + one 1-value allreduce "
@@ -377,13 +379,16 @@ def render_layers(doc: dict[str, Any]) -> str:
            "autograd.Function that does nothing (what any layer written as one pays). empty: a layer whose "
            "Python autograd.Function allocates the output and the gradients and computes nothing. kernels: "
            "syncbn's compiled kernels of the call alone, on prepared arrays. bound = empty + kernels: what "
-           "syncbn's call would take with no Python of its own; syncbn minus the bound is its glue.", "",
+           "syncbn's call would take as a Python autograd.Function with no Python of its own. syncbn's "
+           f"calls go through its C++ autograd node instead when that is in use "
+           f"({doc['meta'].get('local_node', 'n/a')}), which the bound does not bind.", "",
            _table(columns, rows), ""]
     if noisy:
         out += [f"**Too noisy to judge** (A/A off by more than {AA_TOLERANCE:.0%}): " + ", ".join(noisy) + ".", ""]
     out += ["## Targets", "",
             "bound: (empty + kernels) / torch. Above the target, the target is out of reach for a layer "
-            "that is a Python autograd.Function running these kernels, however little Python it runs.", "",
+            "that is a Python autograd.Function running these kernels, however little Python it runs "
+            "(syncbn's Python path; not its C++ node).", "",
             _table(["target", "measured", "verdict", "bound", "reachable"],
                    [[t["target"], _x(t["value"]), t["verdict"], _x(t["bound"]), "yes" if t["reachable"] else "no"]
                     for t in targets]), ""]
@@ -420,6 +425,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "cpu": cpu_name(), "cores": os.cpu_count(), "git": git_state(), "rounds": args.rounds,
         "warmup": args.warmup, "threads": args.threads, "channels_last": args.channels_last, "compile": args.compile, "quick": args.quick,
         "batch": args.batch, "load_before": os.getloadavg()[0],
+        # one process's training calls: through the C++ node, or why not
+        "local_node": syncbn.build_info()["local_node"],
         "command": " ".join([Path(sys.executable).name, *sys.argv])}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.layers:
