@@ -36,6 +36,7 @@ except ModuleNotFoundError:  # a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import syncbn
 
+from _jobs import exit_worker
 
 class Shape(NamedTuple):
     key: str
@@ -317,6 +318,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
         args.result.write_text(json.dumps(doc))
     sync.barrier()
     dist.destroy_process_group()
+    exit_worker(mpi=args.setting == "mpirun")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 The job gets ``--result PATH`` appended to its command; its rank 0 writes
 its results there. The job runs in a session of its own, so on timeout the
 launcher and every rank it started are stopped together: a benchmark never
-hangs on a stuck collective.
+hangs on a stuck collective. A worker ends with :func:`exit_worker`.
 """
 from __future__ import annotations
 
@@ -57,3 +57,23 @@ def run_json_job(command: list[str], env: dict[str, str], timeout: float, shown:
             return {"status": f"failed: exit status {code}" + ("" if result.exists() else ", no result"),
                     "command": shown}
         return {**json.loads(result.read_text()), "command": shown}
+
+
+def exit_worker(mpi: bool) -> None:
+    """End a worker rank after its last collective, without finalizing Python.
+
+    gloo's worker threads live as long as the process group object
+    (``destroy_process_group`` does not join them), and one of them may still
+    be releasing the last collective's work, whose tensors it hands back to
+    Python: once the interpreter is finishing, that aborts the process now and
+    then ("terminate called without an active exception"). So the rank
+    finalizes MPI itself when it runs under MPI (``mpi``), flushes its output
+    and leaves with status 0.
+    """
+    if mpi:
+        from mpi4py import MPI
+
+        MPI.Finalize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -41,6 +41,7 @@ except ModuleNotFoundError:  # a source checkout without `pip install -e .`
 
 from syncbn import _kernels  # (after the import above found the checkout)
 from syncbn.comm import LocalCommunicator
+from _jobs import exit_worker
 from _net_modes import EXPECTED_FUSED, MODES, LockstepBatchNorm2d, build_contenders, count_fused
 from networks import NETWORKS
 
@@ -428,6 +429,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    "wall_s": time.perf_counter() - wall}
             args.result.write_text(json.dumps(doc))
         group.barrier()
+    exit_worker(mpi=args.launcher == "mpirun")
 
 
 if __name__ == "__main__":
