@@ -45,11 +45,13 @@ int main(void) {
 """
 
 
-def _compiles_and_runs(flags: list[str], source: str = PROBE) -> bool:
-    """Compile `source` with `flags` and run it; True when both succeed."""
-    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+def _compiles_and_runs(flags: list[str], source: str = PROBE, compiler: str = "") -> bool:
+    """Compile `source` with `flags` (by `compiler`, default the C compiler) and run it;
+    True when both succeed."""
+    cc = compiler or os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    suffix = ".cpp" if compiler else ".c"
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "probe.c")
+        src = os.path.join(tmp, "probe" + suffix)
         exe = os.path.join(tmp, "probe")
         with open(src, "w") as f:
             f.write(source)
@@ -60,6 +62,19 @@ def _compiles_and_runs(flags: list[str], source: str = PROBE) -> bool:
         except (OSError, subprocess.SubprocessError):
             return False
     return True
+
+
+# what the node's build needs of the C++ compiler beyond its existence
+CXX20_PROBE = r"""
+#include <optional>
+#include <span>
+int main() {
+    int values[2] = {1, 2};
+    std::span<int> view(values);
+    std::optional<int> first = view[0];
+    return *first == 1 ? 0 : 1;
+}
+"""
 
 
 def _flag(name: str) -> bool:
@@ -210,6 +225,8 @@ def _local_node_ext() -> "tuple[Extension | None, str]":
     cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
     if shutil.which(cxx.split()[0]) is None:
         return None, f"off (no C++ compiler: {cxx!r} not found)"
+    if not _compiles_and_runs(["-std=c++20"], CXX20_PROBE, compiler=cxx):
+        return None, f"off (the C++20 probe with {cxx!r} failed)"
     # (the torch version is compiled in: the loader uses the node only with the
     # torch it was built against, whose C++ ABI it shares)
     return Extension(
