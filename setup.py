@@ -275,34 +275,26 @@ class BuildExt(build_ext):
         if changed:
             self.force = True
         super().run()
-        self._remove_stale_kernels()
-        self._remove_stale_local_node()
+        # syncbn._kernels.*.so of the builds before the variants would shadow the
+        # loader syncbn/_kernels.py, and other variants' would be dead weight (the
+        # loader loads only the variants of this build); a syncbn._local_node this
+        # build did not make was built against a torch this build did not see
+        self._remove_stale("_kernels", kernel_exts)
+        self._remove_stale("_local_node", [local_node_ext] if local_node_ext is not None else [])
         os.makedirs(os.path.dirname(STAMP), exist_ok=True)
         with open(STAMP, "w") as f:
             f.write(CONFIG)
 
 
-    def _remove_stale_kernels(self) -> None:
-        """Remove the kernel extensions of other builds from where these went (an
-        in-place build's syncbn/): syncbn._kernels.*.so of the builds before the
-        variants would shadow the loader syncbn/_kernels.py, and other variants'
-        would be dead weight (the loader loads only the variants of this build)."""
+    def _remove_stale(self, prefix: str, exts: list[Extension]) -> None:
+        """Remove the extensions syncbn/<prefix>* of other builds from where this
+        build's went (an in-place build's syncbn/), keeping those of `exts`."""
         suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-        built = {os.path.abspath(self.get_ext_fullpath(e.name)) for e in kernel_exts}
-        where = os.path.dirname(next(iter(built)))
-        for path in glob.glob(os.path.join(where, "_kernels*" + suffix)):
+        built = {os.path.abspath(self.get_ext_fullpath(e.name)) for e in exts}
+        where = os.path.dirname(os.path.abspath(self.get_ext_fullpath("syncbn._cpu")))
+        for path in glob.glob(os.path.join(where, prefix + "*" + suffix)):
             if os.path.abspath(path) not in built:
                 os.remove(path)
-
-
-    def _remove_stale_local_node(self) -> None:
-        """Remove an earlier build's syncbn._local_node from an in-place build's syncbn/
-        when this build has none: it was built against a torch this build did not see."""
-        if local_node_ext is not None:
-            return
-        where = os.path.dirname(os.path.abspath(self.get_ext_fullpath("syncbn._cpu")))
-        for path in glob.glob(os.path.join(where, "_local_node*" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))):
-            os.remove(path)
 
 
 setup(ext_modules=cythonize([*kernel_exts, cpu_ext, memory_ext, shm_ext], compiler_directives=directives,
