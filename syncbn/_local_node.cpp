@@ -35,7 +35,8 @@ using namespace pybind11::literals;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-namespace syncbn {
+// (hidden, as pybind11's own types are: no symbol of this module is exported)
+namespace syncbn __attribute__((visibility("hidden"))) {
 
 // The kernels' functions, set once by bind(). The module holds them (its
 // attribute _kernels), so they are released with it when the interpreter
@@ -106,13 +107,14 @@ py::array array_over(const at::Tensor& t, const std::vector<int64_t>& shape) {
   return py::array(dtype_of(t), shape, strides, t.data_ptr(), py::none());
 }
 
-// The kernels' array of a tensor of the input's shape, in `layout`.
+// The kernels' array of a tensor of the input's shape, in `layout` (forward()
+// takes no empty tensor).
 py::array kernel_array(const at::Tensor& t, Layout layout) {
   const int64_t N = t.size(0), C = t.size(1);
   if (layout == Layout::rows) {
-    return array_over(t, {C == 0 ? 0 : t.numel() / C, C});
+    return array_over(t, {t.numel() / C, C});
   }
-  return array_over(t, {N, C, N * C == 0 ? 0 : t.numel() / (N * C)});
+  return array_over(t, {N, C, t.numel() / (N * C)});
 }
 
 py::object vector_or_none(const std::optional<at::Tensor>& t) {
