@@ -22,18 +22,18 @@ why not when it is not:
 from __future__ import annotations
 
 import importlib.util
-import os
 from types import ModuleType
 
 import torch
 
 from . import _kernels
+from ._environment import switched_off
 
 __all__ = ["NODE", "STATUS"]
 
 
 def _load() -> tuple[ModuleType | None, str]:
-    if os.environ.get("SYNCBN_LOCAL_NODE", "").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off("SYNCBN_LOCAL_NODE"):
         return None, "off (SYNCBN_LOCAL_NODE=0)"
     if importlib.util.find_spec("syncbn._local_node") is None:
         return None, "not built (pip install --no-build-isolation builds it; see docs/design.md)"

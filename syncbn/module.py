@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -12,6 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import _ops
 from ._activation import KERNEL_ACTIVATIONS, apply_activation, check_activation, check_residual
 from ._debug import LayerCheck
+from ._environment import switched_on
 from ._views import LayerArrays
 from .comm import CommSpec, Communicator, LocalCommunicator, get_communicator
 from .function import LayerArgs, needs_grad, normalize_with_running_stats, sync_batch_norm
@@ -125,7 +125,7 @@ class SyncBatchNorm(_BatchNorm):
         # the kernels' views of the parameters and buffers, kept between calls
         self._arrays = LayerArrays()
         if debug is None:
-            debug = os.environ.get("SYNCBN_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+            debug = switched_on("SYNCBN_DEBUG")
         self.debug = debug
         # numbered whether or not debug mode is on: it can be turned on later
         self._check = LayerCheck(process_group)

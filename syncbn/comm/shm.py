@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .. import _shm
+from .._environment import switched_off
 from .base import Communicator, gather_values
 
 __all__ = [
@@ -270,7 +271,7 @@ def _release_segment(shm: Any, owner: bool) -> None:
 
 def shm_enabled() -> bool:
     """False when ``$SYNCBN_SHM`` turns shared memory off (``0``, ``false``, ``no``, ``off``)."""
-    return os.environ.get("SYNCBN_SHM", "").strip().lower() not in ("0", "false", "no", "off")
+    return not switched_off("SYNCBN_SHM")
 
 
 @dataclass(frozen=True)
