@@ -68,6 +68,24 @@ def set_random_affine(layer: nn.Module, seed: int) -> None:
             layer.bias.copy_(torch.randn(layer.num_features, generator=gen, dtype=torch.float64))
 
 
+def negated_view(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor equal to ``t`` whose memory holds ``-t`` (the negative bit)."""
+    n = torch._neg_view(-t)
+    assert n.is_neg() and n.is_contiguous() and torch.equal(n, t)
+    return n
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` (contiguous) at an address 2 bytes past its dtype's alignment."""
+    size = t.element_size()
+    buffer = bytearray(t.numel() * size + size + 2)
+    start = (-torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()) % size + 2
+    out = torch.frombuffer(buffer, dtype=t.dtype, count=t.numel(), offset=start).view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % size == 2
+    return out
+
+
 # What a fused layer's activation must equal: torch's own functions.
 REFERENCE_ACTIVATIONS: dict[Optional[str], Callable[[torch.Tensor, float], torch.Tensor]] = {
     None: lambda z, slope: z,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import syncbn
 from syncbn import _local_path, function
-from batchnorm_data import LAYOUTS, TOL, batch
+from batchnorm_data import LAYOUTS, TOL, batch, misaligned, negated_view, set_random_affine
 
 pytestmark = pytest.mark.skipif(
     _local_path.NODE is None, reason=f"the C++ node is not in use: {_local_path.STATUS}"
@@ -76,9 +76,7 @@ def test_node_equals_python_path(monkeypatch: pytest.MonkeyPatch, layout: str, d
     residual = torch.randn(shape, generator=gen, dtype=dtype).contiguous(memory_format=fmt) if with_residual else None
     layer = syncbn.SyncBatchNorm(C, dtype=dtype, activation=activation, negative_slope=0.2,
                                  process_group="local")
-    with torch.no_grad():
-        layer.weight.uniform_(0.5, 1.5, generator=gen)
-        layer.bias.uniform_(-0.5, 0.5, generator=gen)
+    set_random_affine(layer, 1)
     twin = copy.deepcopy(layer)
     through_node = [_run(layer, x, g, residual) for _ in range(2)]
     _python_path(monkeypatch)
@@ -128,22 +126,12 @@ def _strided(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape[0], shape[2], shape[1], shape[3]).transpose(1, 2)
 
 
-def _misaligned(shape: tuple[int, ...]) -> torch.Tensor:
-    values = torch.randn(shape)
-    buffer = bytearray(values.numel() * 4 + 8)
-    start = (-torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()) % 4 + 2  # 2 bytes off
-    out = torch.frombuffer(buffer, dtype=torch.float32, count=values.numel(), offset=start).view(shape)
-    out.copy_(values)
-    assert out.data_ptr() % 4 != 0
-    return out
-
-
 @pytest.mark.parametrize("make", [
     pytest.param(_strided, id="other strides"),
     pytest.param(lambda s: torch.randn(s, dtype=torch.float16), id="float16"),
     pytest.param(lambda s: torch.randn(s, dtype=torch.bfloat16), id="bfloat16"),
-    pytest.param(_misaligned, id="misaligned"),
-    pytest.param(lambda s: torch._neg_view(torch.randn(s)), id="negated"),
+    pytest.param(lambda s: misaligned(torch.randn(s)), id="misaligned"),
+    pytest.param(lambda s: negated_view(torch.randn(s)), id="negated"),
 ])
 def test_calls_the_kernels_cannot_read_go_to_python(make: Any) -> None:
     shape = (4, C, 5, 6)
@@ -186,7 +174,7 @@ def test_output_gradient_in_another_layout(grad_form: str) -> None:
         g = g[:1].expand_as(g)
         g_in = g
     else:
-        g_in = torch._neg_view(-g)
+        g_in = negated_view(g)
     ours = syncbn.SyncBatchNorm(C, dtype=torch.float64, process_group="local")
     ref = torch.nn.BatchNorm2d(C, dtype=torch.float64)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()

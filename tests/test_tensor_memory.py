@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from batchnorm_data import TOL, batch, set_random_affine
+from batchnorm_data import TOL, batch, misaligned, negated_view, set_random_affine
 import syncbn
 from syncbn._memory import array_over
 
@@ -107,13 +107,6 @@ def _check(x: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype = torch.float
     torch.testing.assert_close(ours.running_mean, ref.running_mean, **TOL[dtype])
 
 
-def _negated_view(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor equal to ``t`` whose memory holds ``-t`` (the negative bit)."""
-    n = torch._neg_view(-t)
-    assert n.is_neg() and n.is_contiguous() and torch.equal(n, t)
-    return n
-
-
 def _raw(t: torch.Tensor) -> torch.Tensor:
     """What the memory at ``t``'s address holds, read as a contiguous tensor of its shape."""
     a = array_over(t, t.data_ptr(), (t.numel(),), F64 if t.dtype == torch.float64 else F32)
@@ -123,7 +116,7 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 
 def test_negated_view_input() -> None:
     x, g = batch((4, C, 5, 6), torch.Generator().manual_seed(0), torch.float64)
-    negated = _negated_view(x)
+    negated = negated_view(x)
     assert torch.equal(_raw(negated), -x)  # a naive read of the memory would normalize -x
     _check(negated, g)
 
@@ -138,7 +131,7 @@ def test_imaginary_part_of_a_conjugate_input() -> None:
 
 def test_negated_view_output_gradient() -> None:
     x, g = batch((4, C, 5, 6), torch.Generator().manual_seed(1), torch.float64)
-    negated = _negated_view(g)
+    negated = negated_view(g)
     assert torch.equal(_raw(negated), -g)
     _check(x, negated)
 
@@ -160,29 +153,18 @@ def test_input_with_a_storage_offset() -> None:
     _check(tail, g[1:])
 
 
-def _misaligned(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` (contiguous) at an address 2 bytes past its dtype's alignment."""
-    size = t.element_size()
-    buffer = bytearray(t.numel() * size + size + 2)
-    start = (-torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()) % size + 2
-    out = torch.frombuffer(buffer, dtype=t.dtype, count=t.numel(), offset=start).view(t.shape)
-    out.copy_(t)
-    assert out.data_ptr() % size == 2
-    return out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_misaligned_input(dtype: torch.dtype) -> None:
     x, g = batch((4, C, 5, 6), torch.Generator().manual_seed(4), dtype)
-    _check(_misaligned(x), g.to(dtype), dtype)
+    _check(misaligned(x), g.to(dtype), dtype)
 
 
 def test_misaligned_output_gradient() -> None:
     x, g = batch((4, C, 5, 6), torch.Generator().manual_seed(5), torch.float64)
-    _check(x, _misaligned(g))
+    _check(x, misaligned(g))
 
 
-@pytest.mark.parametrize("odd", [_negated_view, _misaligned], ids=["negated", "misaligned"])
+@pytest.mark.parametrize("odd", [negated_view, misaligned], ids=["negated", "misaligned"])
 def test_odd_residual(odd) -> None:
     # a fused layer's residual: read through the same views as the input
     x, g = batch((4, C, 5, 6), torch.Generator().manual_seed(6), torch.float64)
