@@ -14,13 +14,16 @@ after warm-up steps, rounds; round r times one step of every contender, in
 an order rotated every round, each step starting after a barrier. A step's
 time is the slowest rank's (one MAX allreduce of all the samples at the
 end). Clock: thread CPU time in one process with one thread (what other work
-on the machine does not inflate), else wall time. Rank 0 writes the JSON.
+on the machine does not inflate), else wall time. Each step's page faults
+(``getrusage``, the process's, outside the timed span) are reduced the same
+way: the most any rank took. Rank 0 writes the JSON.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -105,6 +108,13 @@ def process_group(launcher: str) -> Iterator[Group]:
             dist.destroy_process_group()
 
 
+def page_faults() -> int:
+    """Page faults this process has taken so far (minor ones: memory the allocator
+    took back from the system and writes for the first time; major ones need I/O)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, labels: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
     nn.functional.cross_entropy(model(x), labels).backward()
@@ -121,7 +131,8 @@ def _say(group: Group, prefix: str) -> Callable[[str], None]:
 def time_network(network: str, modes: Sequence[str], batch: Optional[int], channels_last: bool, rounds: int,
                  warmup: int, clock: Clock, group: Group, say: Callable[[str], None],
                  compile: bool = False) -> dict[str, Any]:
-    """Per-step times of every contender on ``network``: medians and samples, the slowest rank's."""
+    """Per-step times of every contender on ``network``: medians and samples, the slowest rank's;
+    and the median of its steps' page faults."""
     spec = NETWORKS[network]
     batch = spec.batch if batch is None else batch
     torch.manual_seed(0)  # the same initial weights on every rank and for every contender
@@ -160,25 +171,29 @@ def time_network(network: str, modes: Sequence[str], batch: Optional[int], chann
     warm_s = time.perf_counter() - t0
     say(f"{network}: batch {batch}/process, {len(names)} contenders, warm-up {warmup} steps each in "
         f"{warm_s:.1f} s; {rounds} rounds, about {warm_s / max(warmup, 1) * rounds:.0f} s")
-    samples = torch.zeros(len(names), rounds, dtype=torch.float64)
+    # [0]: each step's seconds; [1]: the page faults the process took in it
+    measured = torch.zeros(2, len(names), rounds, dtype=torch.float64)
     report_every = max(1, rounds // 5)
     for r in range(rounds):
         for k in range(len(names)):
             i = (r + k) % len(names)
             group.barrier()
+            faults = page_faults()
             start = clock.ns()
             steps[names[i]]()
-            samples[i, r] = (clock.ns() - start) * 1e-9
+            measured[0, i, r] = (clock.ns() - start) * 1e-9
+            measured[1, i, r] = page_faults() - faults
         if (r + 1) % report_every == 0 or r + 1 == rounds:
             say(f"{network}: round {r + 1}/{rounds}")
-    samples = group.slowest(samples)
+    samples, faults_per_step = group.slowest(measured)
     calls = _collectives(models)
     out: dict[str, Any] = {"batch": batch, "image_size": spec.image_size, "batchnorms": spec.batchnorms,
                            "contenders": {}}
     for i, name in enumerate(names):
         s = samples[i].tolist()
         median = statistics.median(s)
-        entry = {"median_s": median, "samples_s": s, "images_per_s": batch * group.size / median}
+        entry = {"median_s": median, "samples_s": s, "images_per_s": batch * group.size / median,
+                 "page_faults_per_step": statistics.median(faults_per_step[i].tolist())}
         if name in calls:
             entry["collectives_per_step"] = (calls[name] - calls_before.get(name, 0)) / (warmup + rounds)
         if name in fused:

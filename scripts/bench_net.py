@@ -17,7 +17,10 @@ a step's time is the slowest rank's; the figure is the median over rounds.
 ``torch (A/A)`` is a second copy of ``torch``: if the two differ by more
 than 3 %, the run says it is too noisy to judge. ``syncbn fused`` is syncbn
 converted with ``fuse=True`` (activation and residual add inside the
-layer); each run says how many batch norms fused.
+layer); each run says how many batch norms fused. Beside its times, each
+contender's page faults per step are reported: with glibc's default
+allocator they land on one contender or another and move ratios by
+several percent.
 
 Every setting runs in a fresh subprocess (``_net_worker.py``) with glibc's
 default allocator: ``MALLOC_*`` variables are removed from its environment
@@ -255,6 +258,10 @@ def _ms(entry: Optional[dict[str, Any]]) -> str:
     return "n/a" if not entry else f"{entry['median_s'] * 1e3:.1f}"
 
 
+def _faults(entry: Optional[dict[str, Any]]) -> str:
+    return "n/a" if not entry or "page_faults_per_step" not in entry else f"{entry['page_faults_per_step']:.0f}"
+
+
 def _x(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -302,6 +309,16 @@ def render(doc: dict[str, Any]) -> str:
             c = net["contenders"]
             rows.append([name, net_name, *("n/a" if not c.get(m) else f"{c[m]['images_per_s']:.1f}" for m in modes)])
     out += ["Images per second (all processes):", "", _table(["setting", "network", *modes], rows), ""]
+    rows = []
+    for name, res in settings.items():
+        for net_name, net in res.get("networks", {}).items():
+            c = net["contenders"]
+            rows.append([name, net_name, *(_faults(c.get(m)) for m in modes)])
+    out += ["Page faults per step (median over rounds; the most any rank took). A fault is memory the "
+            "allocator gave back to the system and takes again, paid when first written; with glibc's "
+            "default allocator it lands on whichever contender's step takes the memory back, and "
+            "moves a ratio by several percent from run to run.", "",
+            _table(["setting", "network", *modes], rows), ""]
     noisy = [f"{s} {n} (A/A {_x(net['ratios']['A/A'])})" for s, res in settings.items()
              for n, net in res.get("networks", {}).items() if net["too_noisy"]]
     if noisy:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ sys.path.insert(0, str(SCRIPTS))
 
 import syncbn  # noqa: E402
 from _net_modes import EXPECTED_FUSED, MODES, add_lockstep_floor, build_contenders, count_fused  # noqa: E402
-from _net_worker import train_step  # noqa: E402
+from _net_worker import page_faults, train_step  # noqa: E402
 from networks import NETWORKS, count_batchnorms  # noqa: E402
 
 BENCH_NET = SCRIPTS / "bench_net.py"
@@ -77,6 +78,23 @@ def test_fused_contender_fuses_the_expected_batchnorms(name: str) -> None:
     torch.testing.assert_close(fused(x), built["torch"](x), atol=1e-4, rtol=1e-4)
 
 
+def test_page_faults_counts_the_first_write_of_new_memory() -> None:
+    pages = 256
+    memory = mmap.mmap(-1, pages * mmap.PAGESIZE)  # anonymous: no page is backed until written
+    try:
+        before = page_faults()
+        for page in range(pages):
+            memory[page * mmap.PAGESIZE] = 1
+        after = page_faults()
+        for page in range(pages):  # written again: backed now, no fault
+            memory[page * mmap.PAGESIZE] = 2
+        again = page_faults()
+    finally:
+        memory.close()
+    assert after - before >= pages
+    assert again - after < pages // 4
+
+
 def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([sys.executable, str(BENCH_NET), *args], capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -101,6 +119,7 @@ def test_quick_run_writes_every_contender_ratio_and_chart(tmp_path: Path) -> Non
         assert ran == expected, name
         for entry in (net["contenders"][m] for m in ran):
             assert entry["median_s"] > 0 and len(entry["samples_s"]) == 1
+            assert entry["page_faults_per_step"] >= 0
         assert set(net["ratios"]) == {"syncbn/torch", "floor/torch", "syncbn/floor", "fused/torch", "fused/floor",
                                       "fairscale/syncbn", "no BN/torch", "A/A"}
         assert net["ratios"]["A/A"] > 0 and isinstance(net["too_noisy"], bool)
@@ -115,6 +134,7 @@ def test_quick_run_writes_every_contender_ratio_and_chart(tmp_path: Path) -> Non
     assert doc["settings"]["local"]["clock"].startswith("thread CPU")
     assert {t["verdict"] for t in doc["targets"]} <= {"PASS", "MISS", "n/a"}
     assert "A/A local resnet20" in proc.stdout and "## Targets" in proc.stdout
+    assert "Page faults per step" in proc.stdout
     assert "batch norms fused in syncbn fused: resnet20 19 of 21" in proc.stdout
     assert "resnet20: syncbn fused: 19 of 21 batch norms fused" in proc.stderr
 
