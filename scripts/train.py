@@ -302,3 +302,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 if __name__ == "__main__":
     main()
+    from syncbn.comm import detect_launcher  # (importable: main() put syncbn on the path if needed)
+
+    launcher = detect_launcher().name
+    if launcher != "none":
+        # A launched rank leaves as the benchmark workers do (see _jobs.exit_worker):
+        # torch's gloo threads outlive destroy_process_group() and may still be
+        # handing the last collective's tensors back to Python while the
+        # interpreter finishes, which now and then aborts the rank after a
+        # successful run ("terminate called without an active exception").
+        from _jobs import exit_worker
+
+        exit_worker(mpi=launcher == "mpirun")

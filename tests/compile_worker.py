@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
+from rank_output import leave
 import syncbn
 from syncbn.comm import MPICommunicator, SharedMemoryCommunicator, TorchCommunicator
 
@@ -228,4 +229,4 @@ def main(kind: str) -> int:
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in CASES:
         raise SystemExit("usage: compile_worker.py {mpi|torch}")
-    sys.exit(main(sys.argv[1]))
+    leave(main(sys.argv[1]))

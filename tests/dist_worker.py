@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from batchnorm_data import apply_activation, batch, set_random_affine
-from rank_output import say
+from rank_output import leave, say
 import syncbn
 from syncbn.comm import MPICommunicator, SharedMemoryCommunicator, TorchCommunicator
 
@@ -708,4 +708,4 @@ def main(kind: str, only: Optional[list[str]] = None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in ("mpi", "torch"):
         raise SystemExit("usage: dist_worker.py {mpi|torch} [case ...]")
-    sys.exit(main(sys.argv[1], sys.argv[2:]))
+    leave(main(sys.argv[1], sys.argv[2:]))

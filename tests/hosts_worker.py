@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from batchnorm_data import batch, set_random_affine
-from rank_output import say
+from rank_output import leave, say
 import syncbn
 from syncbn.comm import (
     Communicator,
@@ -493,4 +493,4 @@ def main(kind: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    leave(main(sys.argv[1]))

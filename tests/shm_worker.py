@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from rank_output import say
+from rank_output import leave, say
 import syncbn
 from syncbn.comm import (
     Communicator,
@@ -286,4 +286,4 @@ def main(kind: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    leave(main(sys.argv[1]))
