@@ -318,7 +318,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
         args.result.write_text(json.dumps(doc))
     sync.barrier()
     dist.destroy_process_group()
-    exit_worker(mpi=args.setting == "mpirun")
+    exit_worker()
 
 
 if __name__ == "__main__":

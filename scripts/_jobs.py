@@ -59,7 +59,7 @@ def run_json_job(command: list[str], env: dict[str, str], timeout: float, shown:
         return {**json.loads(result.read_text()), "command": shown}
 
 
-def exit_worker(mpi: bool) -> None:
+def exit_worker() -> None:
     """End a worker rank after its last collective, without finalizing Python.
 
     gloo's worker threads live as long as the process group object
@@ -67,13 +67,12 @@ def exit_worker(mpi: bool) -> None:
     be releasing the last collective's work, whose tensors it hands back to
     Python: once the interpreter is finishing, that aborts the process now and
     then ("terminate called without an active exception"). So the rank
-    finalizes MPI itself when it runs under MPI (``mpi``), flushes its output
-    and leaves with status 0.
+    finalizes MPI itself when it initialized it, flushes its output and leaves
+    with status 0.
     """
-    if mpi:
-        from mpi4py import MPI
-
-        MPI.Finalize()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

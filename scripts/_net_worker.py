@@ -444,7 +444,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    "wall_s": time.perf_counter() - wall}
             args.result.write_text(json.dumps(doc))
         group.barrier()
-    exit_worker(mpi=args.launcher == "mpirun")
+    exit_worker()
 
 
 if __name__ == "__main__":

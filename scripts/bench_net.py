@@ -39,7 +39,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -258,12 +258,25 @@ def _ms(entry: Optional[dict[str, Any]]) -> str:
     return "n/a" if not entry else f"{entry['median_s'] * 1e3:.1f}"
 
 
+def _images_per_s(entry: Optional[dict[str, Any]]) -> str:
+    return "n/a" if not entry else f"{entry['images_per_s']:.1f}"
+
+
 def _faults(entry: Optional[dict[str, Any]]) -> str:
-    return "n/a" if not entry or "page_faults_per_step" not in entry else f"{entry['page_faults_per_step']:.0f}"
+    if not entry or "page_faults_per_step" not in entry:
+        return "n/a"
+    return f"{entry['page_faults_per_step']:.0f}"
 
 
 def _x(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _contender_table(settings: dict[str, Any], cell: Callable[[Optional[dict[str, Any]]], str]) -> str:
+    """A row per setting and network, a column per contender: ``cell`` of its entry."""
+    rows = [[name, net_name, *(cell(net["contenders"].get(m)) for m in MODES)]
+            for name, res in settings.items() for net_name, net in res.get("networks", {}).items()]
+    return _table(["setting", "network", *MODES], rows)
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -303,22 +316,12 @@ def render(doc: dict[str, Any]) -> str:
             rows.append([name, f"{net_name} ({net['batch']}/proc)", *(_ms(c.get(m)) for m in modes),
                          *(_x(r[k]) for k in RATIOS), "**too noisy**" if net["too_noisy"] else "ok"])
     out += [_table(["setting", "network", *(f"{m} ms" for m in modes), *RATIOS, "A/A check"], rows), ""]
-    rows = []
-    for name, res in settings.items():
-        for net_name, net in res.get("networks", {}).items():
-            c = net["contenders"]
-            rows.append([name, net_name, *("n/a" if not c.get(m) else f"{c[m]['images_per_s']:.1f}" for m in modes)])
-    out += ["Images per second (all processes):", "", _table(["setting", "network", *modes], rows), ""]
-    rows = []
-    for name, res in settings.items():
-        for net_name, net in res.get("networks", {}).items():
-            c = net["contenders"]
-            rows.append([name, net_name, *(_faults(c.get(m)) for m in modes)])
+    out += ["Images per second (all processes):", "", _contender_table(settings, _images_per_s), ""]
     out += ["Page faults per step (median over rounds; the most any rank took). A fault is memory the "
             "allocator gave back to the system and takes again, paid when first written; with glibc's "
             "default allocator it lands on whichever contender's step takes the memory back, and "
             "moves a ratio by several percent from run to run.", "",
-            _table(["setting", "network", *modes], rows), ""]
+            _contender_table(settings, _faults), ""]
     noisy = [f"{s} {n} (A/A {_x(net['ratios']['A/A'])})" for s, res in settings.items()
              for n, net in res.get("networks", {}).items() if net["too_noisy"]]
     if noisy:

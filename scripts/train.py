@@ -304,8 +304,7 @@ if __name__ == "__main__":
     main()
     from syncbn.comm import detect_launcher  # (importable: main() put syncbn on the path if needed)
 
-    launcher = detect_launcher().name
-    if launcher != "none":
+    if detect_launcher().name != "none":
         # A launched rank leaves as the benchmark workers do (see _jobs.exit_worker):
         # torch's gloo threads outlive destroy_process_group() and may still be
         # handing the last collective's tensors back to Python while the
@@ -313,4 +312,4 @@ if __name__ == "__main__":
         # successful run ("terminate called without an active exception").
         from _jobs import exit_worker
 
-        exit_worker(mpi=launcher == "mpirun")
+        exit_worker()
