@@ -23,8 +23,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -128,11 +130,20 @@ def _say(group: Group, prefix: str) -> Callable[[str], None]:
     return say
 
 
-def time_network(network: str, modes: Sequence[str], batch: Optional[int], channels_last: bool, rounds: int,
-                 warmup: int, clock: Clock, group: Group, say: Callable[[str], None],
-                 compile: bool = False) -> dict[str, Any]:
-    """Per-step times of every contender on ``network``: medians and samples, the slowest rank's;
-    and the median of its steps' page faults."""
+class Prepared(NamedTuple):
+    """The contenders of one network, built and ready to step."""
+
+    batch: int
+    steps: dict[str, Callable[[], None]]  # one training step of each contender that runs
+    models: dict[str, nn.Module]
+    fused: dict[str, int]  # syncbn fused: how many of the network's batch norms fused
+    skipped: list[str]  # contenders not installed
+
+
+def prepare(network: str, modes: Sequence[str], batch: Optional[int], channels_last: bool, group: Group,
+            say: Callable[[str], None], compile: bool = False) -> Prepared:
+    """Every contender of ``modes`` on ``network``, from the same initial weights, with its optimizer
+    and this rank's batch."""
     spec = NETWORKS[network]
     batch = spec.batch if batch is None else batch
     torch.manual_seed(0)  # the same initial weights on every rank and for every contender
@@ -161,15 +172,41 @@ def time_network(network: str, modes: Sequence[str], batch: Optional[int], chann
             model = nn.parallel.DistributedDataParallel(model)
         optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
         steps[name] = lambda model=model, optimizer=optimizer: train_step(model, optimizer, x, labels)
+    return Prepared(batch, steps, models, fused, skipped)
+
+
+def contender_entry(samples_s: list[float], faults: list[float], batch: int, processes: int,
+                    collectives_per_step: Optional[float], fused_batchnorms: Optional[int]) -> dict[str, Any]:
+    """One contender's results: the median step and its samples, images per second, the median of its
+    steps' page faults, and where they apply, its collectives per step and its fused batch norms."""
+    median = statistics.median(samples_s)
+    entry: dict[str, Any] = {"median_s": median, "samples_s": samples_s,
+                             "images_per_s": batch * processes / median,
+                             "page_faults_per_step": statistics.median(faults)}
+    if collectives_per_step is not None:
+        entry["collectives_per_step"] = collectives_per_step
+    if fused_batchnorms is not None:
+        entry["fused_batchnorms"] = fused_batchnorms
+    return entry
+
+
+def time_network(network: str, modes: Sequence[str], batch: Optional[int], channels_last: bool, rounds: int,
+                 warmup: int, clock: Clock, group: Group, say: Callable[[str], None],
+                 compile: bool = False) -> dict[str, Any]:
+    """Per-step times of every contender on ``network``, all in this process: medians and samples,
+    the slowest rank's; and the median of its steps' page faults."""
+    spec = NETWORKS[network]
+    prepared = prepare(network, modes, batch, channels_last, group, say, compile)
+    steps = prepared.steps
     names = list(steps)
-    calls_before = _collectives(models)
+    calls_before = _collectives(prepared.models)
     t0 = time.perf_counter()
     for _ in range(warmup):
         for name in names:
             group.barrier()
             steps[name]()
     warm_s = time.perf_counter() - t0
-    say(f"{network}: batch {batch}/process, {len(names)} contenders, warm-up {warmup} steps each in "
+    say(f"{network}: batch {prepared.batch}/process, {len(names)} contenders, warm-up {warmup} steps each in "
         f"{warm_s:.1f} s; {rounds} rounds, about {warm_s / max(warmup, 1) * rounds:.0f} s")
     # [0]: each step's seconds; [1]: the page faults the process took in it
     measured = torch.zeros(2, len(names), rounds, dtype=torch.float64)
@@ -186,24 +223,167 @@ def time_network(network: str, modes: Sequence[str], batch: Optional[int], chann
         if (r + 1) % report_every == 0 or r + 1 == rounds:
             say(f"{network}: round {r + 1}/{rounds}")
     samples, faults_per_step = group.slowest(measured)
-    calls = _collectives(models)
-    out: dict[str, Any] = {"batch": batch, "image_size": spec.image_size, "batchnorms": spec.batchnorms,
-                           "contenders": {}}
+    calls = _collectives(prepared.models)
+    out: dict[str, Any] = {"batch": prepared.batch, "image_size": spec.image_size,
+                           "batchnorms": spec.batchnorms, "contenders": {}}
     for i, name in enumerate(names):
-        s = samples[i].tolist()
-        median = statistics.median(s)
-        entry = {"median_s": median, "samples_s": s, "images_per_s": batch * group.size / median,
-                 "page_faults_per_step": statistics.median(faults_per_step[i].tolist())}
-        if name in calls:
-            entry["collectives_per_step"] = (calls[name] - calls_before.get(name, 0)) / (warmup + rounds)
-        if name in fused:
-            entry["fused_batchnorms"] = fused[name]
-        out["contenders"][name] = entry
-    for name in skipped:
+        collectives = (calls[name] - calls_before.get(name, 0)) / (warmup + rounds) if name in calls else None
+        out["contenders"][name] = contender_entry(samples[i].tolist(), faults_per_step[i].tolist(),
+                                                  prepared.batch, group.size, collectives,
+                                                  prepared.fused.get(name))
+    for name in prepared.skipped:
         out["contenders"][name] = None
     say(f"{network}: " + ", ".join(
         f"{n} {out['contenders'][n]['median_s'] * 1e3:.1f} ms" for n in names))
     return out
+
+
+# --launcher separate: one process per contender, as a user runs one network in
+# a process, so each contender's allocator serves it alone. This process
+# starts them and asks each in turn for one step, in rounds as above: only
+# one contender computes at a time.
+
+SERVE_READY = "ready"
+SERVE_STEP = "step"
+SERVE_END = "end"
+
+
+class Served(NamedTuple):
+    """A contender in a process of its own (``--serve``), and what it said when it was ready."""
+
+    mode: str
+    process: subprocess.Popen[str]
+    ready: dict[str, Any]
+
+    def ask(self, command: str) -> str:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        with contextlib.suppress(BrokenPipeError):  # (it ended: said below)
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            code = self.process.wait()
+            raise RuntimeError(f"the process of contender {self.mode!r} ended (exit status {code}) "
+                               f"when asked to {command!r}; its stderr is above")
+        return line
+
+
+def serve(args: argparse.Namespace) -> None:
+    """``--serve``: build one contender (``--modes``, one) of one network and take one training step
+    each time the coordinator writes ``step`` on stdin, answering ``seconds faults``."""
+    if len(args.modes) != 1 or len(args.networks) != 1:
+        raise SystemExit("--serve: expected one --modes and one --networks "
+                         f"(got {args.modes}, {args.networks})")
+    with process_group("local") as group:
+        say = _say(group, args.label)
+        prepared = prepare(args.networks[0], args.modes, args.batch, args.channels_last, group, say,
+                           args.compile)
+        clock = choose_clock(1, args.threads)
+        calls_before = _collectives(prepared.models)
+        for step in prepared.steps.values():
+            for _ in range(args.warmup):
+                step()
+        print(json.dumps({"status": SERVE_READY, "batch": prepared.batch, "skipped": prepared.skipped,
+                          "fused": prepared.fused}), flush=True)
+        if not prepared.steps:
+            return
+        step = next(iter(prepared.steps.values()))
+        taken = args.warmup
+        for command in sys.stdin:
+            if command.strip() != SERVE_STEP:
+                break
+            faults = page_faults()
+            start = clock.ns()
+            step()
+            seconds = (clock.ns() - start) * 1e-9
+            print(f"{seconds!r} {page_faults() - faults}", flush=True)
+            taken += 1
+        calls = _collectives(prepared.models)
+        per_step = {m: (calls[m] - calls_before.get(m, 0)) / taken for m in calls}
+        print(json.dumps({"status": SERVE_END, "collectives_per_step": per_step}), flush=True)
+
+
+def _serve_command(args: argparse.Namespace, network: str, mode: str) -> list[str]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--serve", "--launcher", "local",
+               "--label", f"{args.label} {mode}", "--result", os.devnull, "--networks", network,
+               "--modes", mode, "--rounds", str(args.rounds), "--warmup", str(args.warmup),
+               "--threads", str(args.threads)]
+    if args.batch is not None:
+        command += ["--batch", str(args.batch)]
+    if args.channels_last:
+        command.append("--channels-last")
+    if args.compile:
+        command.append("--compile")
+    return command
+
+
+def time_network_separately(network: str, args: argparse.Namespace,
+                            say: Callable[[str], None]) -> dict[str, Any]:
+    """As time_network, with each contender in ``args.copies`` processes of its own (started here,
+    warmed up together, then stepped one at a time in rounds). Processes differ in how their
+    allocator's heap settles, and a step's time with it; a contender's figure is the median over
+    the steps of all its processes."""
+    spec = NETWORKS[network]
+    started: list[subprocess.Popen[str]] = []
+    try:
+        started += [subprocess.Popen(_serve_command(args, network, mode), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True) for mode in args.modes * args.copies]
+        served: list[Served] = []
+        for mode, process in zip(args.modes * args.copies, started):
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the process of contender {mode!r} ended before it was ready "
+                                   f"(exit status {process.wait()}); its stderr is above")
+            served.append(Served(mode, process, json.loads(line)))
+        running = [s for s in served if not s.ready["skipped"]]
+        say(f"{network}: {len(running)} processes built and warmed up ({args.warmup} steps each), "
+            f"{args.copies} per contender; {args.rounds} rounds")
+        samples: list[list[float]] = [[] for _ in running]  # of running[i], in order
+        faults: list[list[float]] = [[] for _ in running]
+        report_every = max(1, args.rounds // 5)
+        for r in range(args.rounds):
+            for k in range(len(running)):
+                i = (r + k) % len(running)
+                seconds, taken = running[i].ask(SERVE_STEP).split()
+                samples[i].append(float(seconds))
+                faults[i].append(float(taken))
+            if (r + 1) % report_every == 0 or r + 1 == args.rounds:
+                say(f"{network}: round {r + 1}/{args.rounds}")
+        batch = served[0].ready["batch"]
+        out: dict[str, Any] = {"batch": batch, "image_size": spec.image_size, "batchnorms": spec.batchnorms,
+                               "contenders": {}}
+        ended = [json.loads(s.ask(SERVE_END)) for s in running]
+        for mode in args.modes:
+            copies = [i for i, s in enumerate(running) if s.mode == mode]
+            if not copies:
+                say(f"{network}: skipped (not installed): {mode}")
+                out["contenders"][mode] = None
+                continue
+            first = copies[0]
+            entry = contender_entry([t for i in copies for t in samples[i]],
+                                    [f for i in copies for f in faults[i]], batch, 1,
+                                    ended[first]["collectives_per_step"].get(mode),
+                                    running[first].ready["fused"].get(mode))
+            entry["processes"] = [{"pid": running[i].process.pid, "median_s": statistics.median(samples[i]),
+                                   "page_faults_per_step": statistics.median(faults[i])} for i in copies]
+            out["contenders"][mode] = entry
+        for s in running:
+            s.process.wait()
+        say(f"{network}: " + ", ".join(f"{m} {_ms_list(out['contenders'][m])}" for m in args.modes
+                                       if out["contenders"][m] is not None))
+        return out
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def _ms_list(entry: dict[str, Any]) -> str:
+    """A contender's median step, and each of its processes' in brackets (milliseconds)."""
+    each = ", ".join(f"{p['median_s'] * 1e3:.1f}" for p in entry["processes"])
+    return f"{entry['median_s'] * 1e3:.1f} ms ({each})"
 
 
 def _collectives(models: dict[str, nn.Module]) -> dict[str, int]:
@@ -402,7 +582,8 @@ def time_layers(rounds: int, warmup: int, say: Callable[[str], None], cold: bool
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="bench_net.py's worker (one process of a setting)")
-    p.add_argument("--launcher", choices=["local", "mpirun", "torchrun"], required=True)
+    p.add_argument("--launcher", choices=["local", "separate", "mpirun", "torchrun"], required=True,
+                   help="separate: one process per contender, started by this one")
     p.add_argument("--label", required=True, help="the setting's name in progress lines")
     p.add_argument("--result", type=Path, required=True, help="rank 0 writes its JSON here")
     p.add_argument("--networks", nargs="+", choices=list(NETWORKS), default=list(NETWORKS))
@@ -415,6 +596,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, required=True)
     p.add_argument("--layers", action="store_true", help="time single layers instead of networks")
     p.add_argument("--cold", action="store_true", help="--layers: one call at a time, caches evicted before each")
+    p.add_argument("--copies", type=int, default=1,
+                   help="--launcher separate: processes per contender (default: 1)")
+    p.add_argument("--serve", action="store_true",
+                   help="one contender, stepped on request (the processes of --launcher separate)")
     return p.parse_args(argv)
 
 
@@ -427,6 +612,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         doc: dict[str, Any] = {"status": "ok", "clock": THREAD_CPU.name, "threads": args.threads,
                                "cold": args.cold, "layers": time_layers(args.rounds, args.warmup, say, args.cold)}
         doc["wall_s"] = time.perf_counter() - wall
+        args.result.write_text(json.dumps(doc))
+        return
+    if args.serve:
+        serve(args)
+        exit_worker()
+    if args.launcher == "separate":
+        if args.copies < 1:
+            raise SystemExit(f"--copies: expected a positive number (got {args.copies})")
+        say = _say(Group(0, 1), args.label)
+        clock = choose_clock(1, args.threads)
+        say(f"started: {args.copies} process(es) per contender, {args.threads} thread(s) each, "
+            f"clock: {clock.name}")
+        networks = {n: time_network_separately(n, args, say) for n in args.networks}
+        doc = {"status": "ok", "world_size": 1, "threads": args.threads, "clock": clock.name,
+               "communicator": "n/a (processes of one rank each)", "networks": networks,
+               "wall_s": time.perf_counter() - wall}
         args.result.write_text(json.dumps(doc))
         return
     with process_group(args.launcher) as group:

@@ -2,7 +2,7 @@
 """Whole training steps of real networks: syncbn, plain and fused, against torch BN, the floor and fairscale.
 
     python scripts/bench_net.py                                  # every setting, about 10 min on 2 cores
-    python scripts/bench_net.py --settings local,torchrun2,mpirun2
+    python scripts/bench_net.py --settings local,separate,torchrun2,mpirun2
     python scripts/bench_net.py --quick                          # smoke run
     python scripts/bench_net.py --layers                         # one layer alone, forward and backward
     python scripts/bench_net.py --layers --cold                  # the same, caches evicted before each call
@@ -14,13 +14,19 @@ batches per process, in one process and in 2 or 4 processes under
 ``mpiexec`` and ``torchrun`` (DDP over gloo). Contenders (``_net_modes.py``)
 start from the same weights and are interleaved in rounds, after warm-up;
 a step's time is the slowest rank's; the figure is the median over rounds.
+``local`` runs every contender in one process; ``separate`` runs each in a
+process of its own, as a user runs one network, and steps them one at a
+time in the same rounds: there each contender's allocator serves it alone.
+How a process's heap settles moves its steps by up to 10 %, so each
+contender runs in ``--copies`` processes (3) and its figure is the median
+over all their steps.
 ``torch (A/A)`` is a second copy of ``torch``: if the two differ by more
 than 3 %, the run says it is too noisy to judge. ``syncbn fused`` is syncbn
 converted with ``fuse=True`` (activation and residual add inside the
 layer); each run says how many batch norms fused. Beside its times, each
 contender's page faults per step are reported: with glibc's default
 allocator they land on one contender or another and move ratios by
-several percent.
+several percent when the contenders share a process.
 
 Every setting runs in a fresh subprocess (``_net_worker.py``) with glibc's
 default allocator: ``MALLOC_*`` variables are removed from its environment
@@ -52,8 +58,10 @@ import syncbn  # (importable: bench put the checkout on sys.path if needed)
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_net_worker.py"
-DEFAULT_SETTINGS = "local,mpirun2,torchrun2,mpirun4,torchrun4"
+DEFAULT_SETTINGS = "local,separate,mpirun2,torchrun2,mpirun4,torchrun4"
 AA_TOLERANCE = 0.03
+# the 1-process settings (all contenders in one process; one process each), as the targets name them
+ONE_PROCESS_SETTINGS = {"local": "1 process", "separate": "separate processes"}
 # rough seconds of one step of one contender on a 2-core machine, 1 thread
 # per process, for the run-time estimate printed before the run
 STEP_S_ESTIMATE = {"resnet20": 0.06, "mobilenet_v2": 0.25, "resnet18": 0.22}
@@ -71,7 +79,8 @@ RATIOS: dict[str, tuple[str, str]] = {
 
 
 class Setting(NamedTuple):
-    """How one part of the run is launched: ``local`` (1 process), or a launcher and a process count."""
+    """How one part of the run is launched: ``local`` (1 process), ``separate`` (1 process per
+    contender), or a launcher and a process count."""
 
     name: str
     launcher: str
@@ -82,13 +91,14 @@ def parse_settings(text: str) -> list[Setting]:
     out = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         m = re.fullmatch(r"(mpirun|torchrun)([1-9][0-9]*)", item)
-        if item == "local":
-            out.append(Setting("local", "local", 1))
+        if item in ("local", "separate"):
+            out.append(Setting(item, item, 1))
         elif m:
             out.append(Setting(item, m.group(1), int(m.group(2))))
         else:
             raise argparse.ArgumentTypeError(
-                f"expected a comma-separated list of 'local', 'mpirunN', 'torchrunN' (got {item!r})")
+                "expected a comma-separated list of 'local', 'separate', 'mpirunN', 'torchrunN' "
+                f"(got {item!r})")
     if not out:
         raise argparse.ArgumentTypeError(f"expected at least one setting (got {text!r})")
     return out
@@ -114,6 +124,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cold", action="store_true",
                    help="with --layers: one call at a time, each after a convolution that evicts the caches "
                         "(as in a network) instead of back-to-back calls")
+    p.add_argument("--copies", type=int, default=3,
+                   help="the separate setting: processes per contender, each with its own heap (default: 3)")
     p.add_argument("--tuned-malloc", action="store_true",
                    help="also run every setting with bench.py's MALLOC_ENV (an extra beside the headline)")
     p.add_argument("--out", type=Path, default=Path("bench-out/net"), help="output folder (default: bench-out/net)")
@@ -130,7 +142,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.warmup = 1 if args.quick else 2
     if args.batch is None and args.quick:
         args.batch = 2
-    for name in ("rounds", "warmup", "threads", "batch"):
+    for name in ("rounds", "warmup", "threads", "batch", "copies"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
             p.error(f"--{name}: expected a positive number (got {value})")
@@ -153,7 +165,7 @@ def worker_env(threads: int, tuned_malloc: bool) -> dict[str, str]:
 
 
 def launch_command(setting: Setting) -> list[str]:
-    if setting.launcher == "local":
+    if setting.launcher in ("local", "separate"):
         return [sys.executable, str(WORKER)]
     if setting.launcher == "mpirun":
         exe = find_launcher("mpiexec")
@@ -185,6 +197,9 @@ def estimate_s(args: argparse.Namespace, setting: Setting) -> float:
     if args.batch is not None:
         per_round *= max(args.batch, 2) / 8
     crowding = max(1.0, 1.25 * setting.processes / (os.cpu_count() or 1))
+    if setting.launcher == "separate":  # processes per contender, each started and warmed up
+        copies = int(args.copies)
+        return float(15 + 10 * len(args.networks) * copies + per_round * (args.rounds + args.warmup) * copies)
     return 15 + per_round * (args.rounds + args.warmup) * crowding
 
 
@@ -223,13 +238,20 @@ def evaluate_targets(settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]
         return None if net is None else net["ratios"][name]
 
     out = []
-    per_net = [ratio("local", n, "syncbn/torch") for n in NETWORKS]
-    gm = geomean(per_net) if all(v is not None for v in per_net) else None  # type: ignore[arg-type]
-    out.append(_target("1 process: syncbn/torch, geometric mean over the 3 networks <= 0.97", gm,
-                       gm is not None and gm <= 0.97))
-    for n in NETWORKS:
-        v = ratio("local", n, "syncbn/torch")
-        out.append(_target(f"1 process: syncbn/torch on {n} <= 1.00", v, v is not None and v <= 1.00))
+
+    def one_process(name: str, mean_limit: float, each_limit: float) -> None:
+        """The geometric mean of ratio ``name`` over the networks, and each network's, in every
+        setting of one process per network."""
+        for setting, label in ONE_PROCESS_SETTINGS.items():
+            values = [ratio(setting, n, name) for n in NETWORKS]
+            gm = geomean(values) if all(v is not None for v in values) else None  # type: ignore[arg-type]
+            out.append(_target(f"{label}: {name}, geometric mean over the 3 networks <= {mean_limit:.2f}",
+                               gm, gm is not None and gm <= mean_limit))
+            for n, v in zip(NETWORKS, values):
+                out.append(_target(f"{label}: {name} on {n} <= {each_limit:.2f}", v,
+                                   v is not None and v <= each_limit))
+
+    one_process("syncbn/torch", 0.97, 1.00)
     for setting in ("mpirun2", "torchrun2"):
         for n in ("resnet20", "mobilenet_v2"):
             v = ratio(setting, n, "syncbn/floor")
@@ -237,13 +259,7 @@ def evaluate_targets(settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]
     for n in ("resnet20", "mobilenet_v2"):
         v = ratio("torchrun2", n, "fairscale/syncbn")
         out.append(_target(f"torchrun2: fairscale/syncbn on {n} >= 2.5", v, v is not None and v >= 2.5))
-    fused = [ratio("local", n, "fused/torch") for n in NETWORKS]
-    gm = geomean(fused) if all(v is not None for v in fused) else None  # type: ignore[arg-type]
-    out.append(_target("1 process: fused/torch, geometric mean over the 3 networks <= 0.90", gm,
-                       gm is not None and gm <= 0.90))
-    for n in NETWORKS:
-        v = ratio("local", n, "fused/torch")
-        out.append(_target(f"1 process: fused/torch on {n} <= 0.95", v, v is not None and v <= 0.95))
+    one_process("fused/torch", 0.90, 0.95)
     for setting in ("mpirun2", "torchrun2"):
         for n in NETWORKS:
             v = ratio(setting, n, "fused/floor")
@@ -469,7 +485,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for s in args.settings:
             name = s.name + (" +tuned-malloc" if tuned else "")
             print(f"[{name}] launching ...", file=sys.stderr, flush=True)
-            settings[name] = res = run_setting(s, name, [*worker_args, "--launcher", s.launcher],
+            copies = ["--copies", str(args.copies)] if s.launcher == "separate" else []
+            settings[name] = res = run_setting(s, name, [*worker_args, "--launcher", s.launcher, *copies],
                                                worker_env(args.threads, tuned), timeout_s(args, s))
             if res.get("status") != "ok":
                 print(f"[{name}] {res.get('status')}", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ sys.path.insert(0, str(SCRIPTS))
 
 import syncbn  # noqa: E402
 from _net_modes import EXPECTED_FUSED, MODES, add_lockstep_floor, build_contenders, count_fused  # noqa: E402
-from _net_worker import page_faults, train_step  # noqa: E402
+from _net_worker import Served, page_faults, train_step  # noqa: E402
 from networks import NETWORKS, count_batchnorms  # noqa: E402
 
 BENCH_NET = SCRIPTS / "bench_net.py"
@@ -137,6 +138,51 @@ def test_quick_run_writes_every_contender_ratio_and_chart(tmp_path: Path) -> Non
     assert "Page faults per step" in proc.stdout
     assert "batch norms fused in syncbn fused: resnet20 19 of 21" in proc.stdout
     assert "resnet20: syncbn fused: 19 of 21 batch norms fused" in proc.stderr
+
+
+def test_separate_setting_runs_every_contender_in_a_process_of_its_own(tmp_path: Path) -> None:
+    out = tmp_path / "net"
+    proc = _run(["--quick", "--rounds", "2", "--copies", "2", "--settings", "separate",
+                 "--networks", "resnet20", "--out", str(out)], timeout=400)
+    doc = json.loads((out / "results.json").read_text())
+    res = doc["settings"]["separate"]
+    assert res["status"] == "ok" and res["world_size"] == 1, proc.stderr[-4000:]
+    assert res["clock"].startswith("thread CPU")
+    net = res["networks"]["resnet20"]
+    ran = {m: entry for m, entry in net["contenders"].items() if entry is not None}
+    assert set(ran) == (set(MODES) if _has_fairscale() else set(MODES) - {"fairscale"})
+    pids = {p["pid"] for entry in ran.values() for p in entry["processes"]}
+    assert len(pids) == 2 * len(ran) and not pids & {os.getpid()}
+    for entry in ran.values():  # the steps of its two processes, two rounds each
+        assert entry["median_s"] > 0 and len(entry["samples_s"]) == 4 and entry["page_faults_per_step"] >= 0
+        assert len(entry["processes"]) == 2 and all(p["median_s"] > 0 for p in entry["processes"])
+    assert ran["floor"]["collectives_per_step"] == 2 * 21
+    assert ran["syncbn"]["collectives_per_step"] == 0
+    assert ran["syncbn fused"]["fused_batchnorms"] == 19
+    assert net["ratios"]["syncbn/torch"] > 0 and isinstance(net["too_noisy"], bool)
+    separate = [t for t in doc["targets"] if t["target"].startswith("separate processes: ")]
+    assert len(separate) == 8
+    assert {t["verdict"] for t in separate if "resnet20" in t["target"]} <= {"PASS", "MISS"}
+    assert "A/A separate resnet20" in proc.stdout
+
+
+def test_a_contender_process_that_ends_is_reported_not_waited_for() -> None:
+    process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    process.wait()
+    ended = r"contender 'syncbn' ended \(exit status 3\) when asked to 'step'"
+    with pytest.raises(RuntimeError, match=ended):
+        Served("syncbn", process, {}).ask("step")
+
+
+def test_serve_takes_one_contender() -> None:
+    command = [sys.executable, str(SCRIPTS / "_net_worker.py"), "--serve", "--launcher", "local",
+               "--label", "x", "--result", os.devnull, "--networks", "resnet20", "--modes", "torch", "syncbn",
+               "--rounds", "1", "--warmup", "0"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert ("--serve: expected one --modes and one --networks (got ['torch', 'syncbn'], ['resnet20'])"
+            in proc.stderr)
 
 
 @pytest.mark.parametrize("cold", [False, True], ids=["warm", "cold"])
