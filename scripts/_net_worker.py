@@ -269,8 +269,9 @@ class Served(NamedTuple):
 
 
 def serve(args: argparse.Namespace) -> None:
-    """``--serve``: build one contender (``--modes``, one) of one network and take one training step
-    each time the coordinator writes ``step`` on stdin, answering ``seconds faults``."""
+    """``--serve``: build one contender (``--modes``, one) of one network and, each time the
+    coordinator writes ``step`` on stdin, take ``--lead-steps`` untimed training steps and one
+    timed one, answering ``seconds faults`` of the timed step."""
     if len(args.modes) != 1 or len(args.networks) != 1:
         raise SystemExit("--serve: expected one --modes and one --networks "
                          f"(got {args.modes}, {args.networks})")
@@ -292,12 +293,14 @@ def serve(args: argparse.Namespace) -> None:
         for command in sys.stdin:
             if command.strip() != SERVE_STEP:
                 break
+            for _ in range(args.lead_steps):
+                step()
             faults = page_faults()
             start = clock.ns()
             step()
             seconds = (clock.ns() - start) * 1e-9
             print(f"{seconds!r} {page_faults() - faults}", flush=True)
-            taken += 1
+            taken += 1 + args.lead_steps
         calls = _collectives(prepared.models)
         per_step = {m: (calls[m] - calls_before.get(m, 0)) / taken for m in calls}
         print(json.dumps({"status": SERVE_END, "collectives_per_step": per_step}), flush=True)
@@ -307,7 +310,7 @@ def _serve_command(args: argparse.Namespace, network: str, mode: str) -> list[st
     command = [sys.executable, str(Path(__file__).resolve()), "--serve", "--launcher", "local",
                "--label", f"{args.label} {mode}", "--result", os.devnull, "--networks", network,
                "--modes", mode, "--rounds", str(args.rounds), "--warmup", str(args.warmup),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--lead-steps", str(args.lead_steps)]
     if args.batch is not None:
         command += ["--batch", str(args.batch)]
     if args.channels_last:
@@ -320,9 +323,11 @@ def _serve_command(args: argparse.Namespace, network: str, mode: str) -> list[st
 def time_network_separately(network: str, args: argparse.Namespace,
                             say: Callable[[str], None]) -> dict[str, Any]:
     """As time_network, with each contender in ``args.copies`` processes of its own (started here,
-    warmed up together, then stepped one at a time in rounds). Processes differ in how their
-    allocator's heap settles, and a step's time with it; a contender's figure is the median over
-    the steps of all its processes."""
+    warmed up together, then given turns one at a time in rounds). A turn is ``args.lead_steps``
+    untimed steps and a timed one: a user's steps follow steps of the same process, with its
+    memory in the caches, where a process's first step after another's finds them cold.
+    Processes differ in how their allocator's heap settles, and a step's time with it; a
+    contender's figure is the median over the timed steps of all its processes."""
     spec = NETWORKS[network]
     started: list[subprocess.Popen[str]] = []
     try:
@@ -598,6 +603,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cold", action="store_true", help="--layers: one call at a time, caches evicted before each")
     p.add_argument("--copies", type=int, default=1,
                    help="--launcher separate: processes per contender (default: 1)")
+    p.add_argument("--lead-steps", type=int, default=1,
+                   help="--launcher separate: untimed steps before each timed one (default: 1)")
     p.add_argument("--serve", action="store_true",
                    help="one contender, stepped on request (the processes of --launcher separate)")
     return p.parse_args(argv)
@@ -618,8 +625,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         serve(args)
         exit_worker()
     if args.launcher == "separate":
-        if args.copies < 1:
-            raise SystemExit(f"--copies: expected a positive number (got {args.copies})")
+        if args.copies < 1 or args.lead_steps < 0:
+            raise SystemExit("--copies, --lead-steps: expected at least 1 and 0 "
+                             f"(got {args.copies}, {args.lead_steps})")
         say = _say(Group(0, 1), args.label)
         clock = choose_clock(1, args.threads)
         say(f"started: {args.copies} process(es) per contender, {args.threads} thread(s) each, "

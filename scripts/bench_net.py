@@ -19,7 +19,9 @@ process of its own, as a user runs one network, and steps them one at a
 time in the same rounds: there each contender's allocator serves it alone.
 How a process's heap settles moves its steps by up to 10 %, so each
 contender runs in ``--copies`` processes (3) and its figure is the median
-over all their steps.
+over all their steps; in each turn a process takes ``--lead-steps`` (1)
+untimed steps before the timed one, so that the timed step finds the
+caches as a user's back-to-back steps do.
 ``torch (A/A)`` is a second copy of ``torch``: if the two differ by more
 than 3 %, the run says it is too noisy to judge. ``syncbn fused`` is syncbn
 converted with ``fuse=True`` (activation and residual add inside the
@@ -126,6 +128,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "(as in a network) instead of back-to-back calls")
     p.add_argument("--copies", type=int, default=3,
                    help="the separate setting: processes per contender, each with its own heap (default: 3)")
+    p.add_argument("--lead-steps", type=int, default=1,
+                   help="the separate setting: untimed steps of a process before each timed one (default: 1)")
     p.add_argument("--tuned-malloc", action="store_true",
                    help="also run every setting with bench.py's MALLOC_ENV (an extra beside the headline)")
     p.add_argument("--out", type=Path, default=Path("bench-out/net"), help="output folder (default: bench-out/net)")
@@ -142,10 +146,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.warmup = 1 if args.quick else 2
     if args.batch is None and args.quick:
         args.batch = 2
-    for name in ("rounds", "warmup", "threads", "batch", "copies"):
+    for name in ("rounds", "warmup", "threads", "batch", "copies", "lead_steps"):
         value = getattr(args, name)
-        if value is not None and value < (0 if name == "warmup" else 1):
-            p.error(f"--{name}: expected a positive number (got {value})")
+        if value is not None and value < (0 if name in ("warmup", "lead_steps") else 1):
+            p.error(f"--{name.replace('_', '-')}: expected a positive number (got {value})")
     return args
 
 
@@ -198,8 +202,8 @@ def estimate_s(args: argparse.Namespace, setting: Setting) -> float:
         per_round *= max(args.batch, 2) / 8
     crowding = max(1.0, 1.25 * setting.processes / (os.cpu_count() or 1))
     if setting.launcher == "separate":  # processes per contender, each started and warmed up
-        copies = int(args.copies)
-        return float(15 + 10 * len(args.networks) * copies + per_round * (args.rounds + args.warmup) * copies)
+        processes, steps = int(args.copies), args.rounds * (1 + args.lead_steps) + args.warmup
+        return float(15 + 10 * len(args.networks) * processes + per_round * steps * processes)
     return 15 + per_round * (args.rounds + args.warmup) * crowding
 
 
@@ -485,7 +489,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for s in args.settings:
             name = s.name + (" +tuned-malloc" if tuned else "")
             print(f"[{name}] launching ...", file=sys.stderr, flush=True)
-            copies = ["--copies", str(args.copies)] if s.launcher == "separate" else []
+            copies = (["--copies", str(args.copies), "--lead-steps", str(args.lead_steps)]
+                      if s.launcher == "separate" else [])
             settings[name] = res = run_setting(s, name, [*worker_args, "--launcher", s.launcher, *copies],
                                                worker_env(args.threads, tuned), timeout_s(args, s))
             if res.get("status") != "ok":
