@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Whole training steps of real networks: syncbn, plain and fused, against torch BN, the floor and fairscale.
 
-    python scripts/bench_net.py                                  # every setting, about 10 min on 2 cores
+    python scripts/bench_net.py                                  # every setting, about 15-20 min on 2 cores
     python scripts/bench_net.py --settings local,separate,torchrun2,mpirun2
     python scripts/bench_net.py --quick                          # smoke run
     python scripts/bench_net.py --layers                         # one layer alone, forward and backward
@@ -338,9 +338,10 @@ def render(doc: dict[str, Any]) -> str:
     out += [_table(["setting", "network", *(f"{m} ms" for m in modes), *RATIOS, "A/A check"], rows), ""]
     out += ["Images per second (all processes):", "", _contender_table(settings, _images_per_s), ""]
     out += ["Page faults per step (median over rounds; the most any rank took). A fault is memory the "
-            "allocator gave back to the system and takes again, paid when first written; with glibc's "
-            "default allocator it lands on whichever contender's step takes the memory back, and "
-            "moves a ratio by several percent from run to run.", "",
+            "allocator gave back to the system and takes again, paid when first written. With glibc's "
+            "default allocator, where contenders share a process it lands on whichever contender's step "
+            "takes the memory back, and moves a ratio by several percent from run to run; in the "
+            "separate setting each process pays its own.", "",
             _contender_table(settings, _faults), ""]
     noisy = [f"{s} {n} (A/A {_x(net['ratios']['A/A'])})" for s, res in settings.items()
              for n, net in res.get("networks", {}).items() if net["too_noisy"]]
