@@ -238,10 +238,11 @@ def time_network(network: str, modes: Sequence[str], batch: Optional[int], chann
     return out
 
 
-# --launcher separate: one process per contender, as a user runs one network in
-# a process, so each contender's allocator serves it alone. This process
-# starts them and asks each in turn for one step, in rounds as above: only
-# one contender computes at a time.
+# --launcher separate: each contender in processes of its own (--copies), as a
+# user runs one network in a process, so each process's allocator serves one
+# contender alone. This process starts them and gives each a turn at a time
+# (--lead-steps untimed steps, then a timed one), in rounds as above: only
+# one process computes at a time.
 
 SERVE_READY = "ready"
 SERVE_STEP = "step"
@@ -281,14 +282,14 @@ def serve(args: argparse.Namespace) -> None:
                            args.compile)
         clock = choose_clock(1, args.threads)
         calls_before = _collectives(prepared.models)
-        for step in prepared.steps.values():
+        step = next(iter(prepared.steps.values()), None)  # None: the contender is not installed
+        if step is not None:
             for _ in range(args.warmup):
                 step()
         print(json.dumps({"status": SERVE_READY, "batch": prepared.batch, "skipped": prepared.skipped,
                           "fused": prepared.fused}), flush=True)
-        if not prepared.steps:
+        if step is None:
             return
-        step = next(iter(prepared.steps.values()))
         taken = args.warmup
         for command in sys.stdin:
             if command.strip() != SERVE_STEP:
@@ -588,7 +589,7 @@ def time_layers(rounds: int, warmup: int, say: Callable[[str], None], cold: bool
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="bench_net.py's worker (one process of a setting)")
     p.add_argument("--launcher", choices=["local", "separate", "mpirun", "torchrun"], required=True,
-                   help="separate: one process per contender, started by this one")
+                   help="separate: processes of one contender each, started by this one")
     p.add_argument("--label", required=True, help="the setting's name in progress lines")
     p.add_argument("--result", type=Path, required=True, help="rank 0 writes its JSON here")
     p.add_argument("--networks", nargs="+", choices=list(NETWORKS), default=list(NETWORKS))
