@@ -249,6 +249,17 @@ SERVE_STEP = "step"
 SERVE_END = "end"
 
 
+def _reply(mode: str, process: subprocess.Popen[str], awaited: str) -> str:
+    """The next line the process of contender ``mode`` writes; RuntimeError if it ended instead
+    (``awaited``: what it was doing, for the message)."""
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the process of contender {mode!r} ended (exit status {process.wait()}) "
+                           f"{awaited}; its stderr is above")
+    return line
+
+
 class Served(NamedTuple):
     """A contender in a process of its own (``--serve``), and what it said when it was ready."""
 
@@ -257,16 +268,11 @@ class Served(NamedTuple):
     ready: dict[str, Any]
 
     def ask(self, command: str) -> str:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        with contextlib.suppress(BrokenPipeError):  # (it ended: said below)
+        assert self.process.stdin is not None
+        with contextlib.suppress(BrokenPipeError):  # (it ended: _reply says so)
             self.process.stdin.write(command + "\n")
             self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            code = self.process.wait()
-            raise RuntimeError(f"the process of contender {self.mode!r} ended (exit status {code}) "
-                               f"when asked to {command!r}; its stderr is above")
-        return line
+        return _reply(self.mode, self.process, f"when asked to {command!r}")
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -336,12 +342,7 @@ def time_network_separately(network: str, args: argparse.Namespace,
                                      stdout=subprocess.PIPE, text=True) for mode in args.modes * args.copies]
         served: list[Served] = []
         for mode, process in zip(args.modes * args.copies, started):
-            assert process.stdout is not None
-            line = process.stdout.readline()
-            if not line:
-                raise RuntimeError(f"the process of contender {mode!r} ended before it was ready "
-                                   f"(exit status {process.wait()}); its stderr is above")
-            served.append(Served(mode, process, json.loads(line)))
+            served.append(Served(mode, process, json.loads(_reply(mode, process, "before it was ready"))))
         running = [s for s in served if not s.ready["skipped"]]
         say(f"{network}: {len(running)} processes built and warmed up ({args.warmup} steps each), "
             f"{args.copies} per contender; {args.rounds} rounds")

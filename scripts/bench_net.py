@@ -490,9 +490,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for s in args.settings:
             name = s.name + (" +tuned-malloc" if tuned else "")
             print(f"[{name}] launching ...", file=sys.stderr, flush=True)
-            copies = (["--copies", str(args.copies), "--lead-steps", str(args.lead_steps)]
-                      if s.launcher == "separate" else [])
-            settings[name] = res = run_setting(s, name, [*worker_args, "--launcher", s.launcher, *copies],
+            separate_options = (["--copies", str(args.copies), "--lead-steps", str(args.lead_steps)]
+                                if s.launcher == "separate" else [])
+            settings[name] = res = run_setting(s, name,
+                                               [*worker_args, "--launcher", s.launcher, *separate_options],
                                                worker_env(args.threads, tuned), timeout_s(args, s))
             if res.get("status") != "ok":
                 print(f"[{name}] {res.get('status')}", file=sys.stderr, flush=True)
