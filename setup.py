@@ -11,9 +11,9 @@ Environment variables:
                          chosen at import by the CPU's features; set: one variant named after
                          the -march value (say "native"), or "generic" when empty or refused
   SYNCBN_VEC_REPORT=1    print gcc's vectorization report (-fopt-info-vec-optimized)
-  SYNCBN_NO_LOCAL_NODE=1 do not build syncbn._local_node, even where torch is importable
+  SYNCBN_NO_CPP_NODE=1 do not build syncbn._cpp_node, even where torch is importable
 
-syncbn._local_node, the C++ autograd node of a group of one process, is built
+syncbn._cpp_node, the C++ autograd node of the training layer, is built
 against the torch that this build can import: with pip, `--no-build-isolation`
 beside an installed torch (an isolated build has no torch, and the package then
 runs its Python path alone). It needs a C++ compiler; without one it is skipped.
@@ -213,10 +213,10 @@ shm_ext = Extension(
 )
 
 
-def _local_node_ext() -> "tuple[Extension | None, str]":
-    """syncbn._local_node, built against the importable torch, or None, and why."""
-    if _flag("SYNCBN_NO_LOCAL_NODE"):
-        return None, "off (SYNCBN_NO_LOCAL_NODE)"
+def _cpp_node_ext() -> "tuple[Extension | None, str]":
+    """syncbn._cpp_node, built against the importable torch, or None, and why."""
+    if _flag("SYNCBN_NO_CPP_NODE"):
+        return None, "off (SYNCBN_NO_CPP_NODE)"
     try:
         import torch
         from torch.utils import cpp_extension
@@ -230,8 +230,8 @@ def _local_node_ext() -> "tuple[Extension | None, str]":
     # (the torch version is compiled in: the loader uses the node only with the
     # torch it was built against, whose C++ ABI it shares)
     return Extension(
-        "syncbn._local_node",
-        ["syncbn/_local_node.cpp"],
+        "syncbn._cpp_node",
+        ["syncbn/_cpp_node.cpp"],
         include_dirs=cpp_extension.include_paths(),
         library_dirs=cpp_extension.library_paths(),
         libraries=["c10", "torch", "torch_cpu", "torch_python"],
@@ -245,14 +245,14 @@ def _local_node_ext() -> "tuple[Extension | None, str]":
     ), f"on (torch {torch.__version__})"
 
 
-local_node_ext, local_node = _local_node_ext()
-print(f"syncbn build: the C++ node of a group of one (syncbn._local_node) {local_node}", file=sys.stderr)
+cpp_node_ext, cpp_node = _cpp_node_ext()
+print(f"syncbn build: the C++ autograd node (syncbn._cpp_node) {cpp_node}", file=sys.stderr)
 
 # The sources do not change when only the SYNCBN_* variables do, so the file
 # dates alone would keep a stale build (say, one without OpenMP, or with the
 # Cython checks, after switching back): rebuild whenever the configuration of
 # the last build differs.
-CONFIG = repr((variants, compile_args, link_args, macros, sorted(directives.items()), local_node))
+CONFIG = repr((variants, compile_args, link_args, macros, sorted(directives.items()), cpp_node))
 STAMP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build",
                      "syncbn-build-config.txt")
 
@@ -277,10 +277,10 @@ class BuildExt(build_ext):
         super().run()
         # syncbn._kernels.*.so of the builds before the variants would shadow the
         # loader syncbn/_kernels.py, and other variants' would be dead weight (the
-        # loader loads only the variants of this build); a syncbn._local_node this
+        # loader loads only the variants of this build); a syncbn._cpp_node this
         # build did not make was built against a torch this build did not see
         self._remove_stale("_kernels", kernel_exts)
-        self._remove_stale("_local_node", [local_node_ext] if local_node_ext is not None else [])
+        self._remove_stale("_cpp_node", [cpp_node_ext] if cpp_node_ext is not None else [])
         os.makedirs(os.path.dirname(STAMP), exist_ok=True)
         with open(STAMP, "w") as f:
             f.write(CONFIG)
@@ -300,5 +300,5 @@ class BuildExt(build_ext):
 setup(ext_modules=cythonize([*kernel_exts, cpu_ext, memory_ext, shm_ext], compiler_directives=directives,
                             include_path=["syncbn"],
                             # a changed directive must regenerate the C file
-                            force=changed) + ([local_node_ext] if local_node_ext is not None else []),
+                            force=changed) + ([cpp_node_ext] if cpp_node_ext is not None else []),
       cmdclass={"build_ext": BuildExt})

@@ -307,7 +307,7 @@ def render(doc: dict[str, Any]) -> str:
            f"{', channels_last' if meta['channels_last'] else ''}"
            f"{', torch.compile' if meta.get('compile') else ''}{' (quick)' if meta['quick'] else ''}; "
            f"load average {meta['load_before']:.2f} before, {meta['load_after']:.2f} after; "
-           f"syncbn's C++ node of one process: {meta.get('local_node', 'n/a')}.", "",
+           f"syncbn's C++ autograd node: {meta.get('cpp_node', 'n/a')}.", "",
            "Step: zero_grad, forward, cross-entropy, backward, SGD step; DDP (gloo) with more than one "
            "process. Median over rounds of the slowest rank's step; contenders interleaved. "
            "Ratios of medians (< 1: the first is faster). floor = torch BN + one 1-value allreduce "
@@ -422,7 +422,7 @@ def render_layers(doc: dict[str, Any]) -> str:
            "syncbn's compiled kernels of the call alone, on prepared arrays. bound = empty + kernels: what "
            "syncbn's call would take as a Python autograd.Function with no Python of its own. syncbn's "
            f"calls go through its C++ autograd node instead when that is in use "
-           f"({doc['meta'].get('local_node', 'n/a')}), which the bound does not bind.", "",
+           f"({doc['meta'].get('cpp_node', 'n/a')}), which the bound does not bind.", "",
            _table(columns, rows), ""]
     if noisy:
         out += [f"**Too noisy to judge** (A/A off by more than {AA_TOLERANCE:.0%}): " + ", ".join(noisy) + ".", ""]
@@ -466,8 +466,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "cpu": cpu_name(), "cores": os.cpu_count(), "git": git_state(), "rounds": args.rounds,
         "warmup": args.warmup, "threads": args.threads, "channels_last": args.channels_last, "compile": args.compile, "quick": args.quick,
         "batch": args.batch, "load_before": os.getloadavg()[0],
-        # one process's training calls: through the C++ node, or why not
-        "local_node": syncbn.build_info()["local_node"],
+        # the training calls: through the C++ node, or why not
+        "cpp_node": syncbn.build_info()["cpp_node"],
         "command": " ".join([Path(sys.executable).name, *sys.argv])}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.layers:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TypedDict
 
-from . import _cpu, _kernels, _local_path, _variants
+from . import _cpp_node_loader, _cpu, _kernels, _variants
 from ._version import __version__
 
 
@@ -26,7 +26,7 @@ class BuildInfo(TypedDict):
     kernel_variant: str
     kernel_variants: list[str]
     kernel_choice: str
-    local_node: str
+    cpp_node: str
 
 
 def _march(flags: str) -> str | None:
@@ -62,10 +62,10 @@ def build_info() -> BuildInfo:
     - ``kernel_choice`` (str): why ``kernel_variant`` was loaded: the best
       one this CPU supports (and what the better ones need that it lacks),
       the only one built, or ``SYNCBN_KERNELS=...``.
-    - ``local_node`` (str): whether training calls of a group of one process
-      go through the C++ autograd node (``syncbn._local_node``): ``"in use"``,
+    - ``cpp_node`` (str): whether training calls go through the C++
+      autograd node (``syncbn._cpp_node``): ``"in use"``,
       or why not (not built, as by an isolated pip build; built against
-      another torch; ``SYNCBN_LOCAL_NODE=0``).
+      another torch; ``SYNCBN_CPP_NODE=0``).
 
     Examples::
 
@@ -83,5 +83,5 @@ def build_info() -> BuildInfo:
         kernel_variant=_kernels.build_variant(),
         kernel_variants=list(_cpu.kernel_variants()),
         kernel_choice=_variants.CHOICE.reason,
-        local_node=_local_path.STATUS,
+        cpp_node=_cpp_node_loader.STATUS,
     )

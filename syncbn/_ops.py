@@ -44,9 +44,10 @@ import numpy as np
 import torch
 
 from . import _kernels
+from ._group_passes import INVSTD, MEAN
 from ._views import kernel_input, kernel_view
 from .comm import Communicator, LocalCommunicator
-from .function import INVSTD, MEAN, LayerArgs, _param, batch_statistics
+from .function import LayerArgs, _param, batch_statistics
 
 __all__ = ["LOCAL", "register", "sync_batch_norm"]
 

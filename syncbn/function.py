@@ -4,11 +4,14 @@ Forward: local sums (kernel) -> one allreduce of ``[sum(C), sumsq(C), count]``
 -> global mean and biased variance (kernel) -> normalize (kernel).
 Backward: local ``[sum dy, sum dy*(x-mean)]`` (kernel) -> one allreduce ->
 input gradient (kernel). Weight and bias gradients stay local: like any
-parameter gradient, the data-parallel wrapper averages them.
+parameter gradient, the data-parallel wrapper averages them. A group of one
+process does each pass in one kernel call. The passes of a larger group are
+syncbn/_group_passes.py's.
 
-A group of one process goes through the C++ node of syncbn/_local_node.cpp
-instead when it was built (see syncbn/_local_path.py): the same kernels,
-without the Python around them; calls the node cannot take come here.
+A training call goes through the C++ node of syncbn/_cpp_node.cpp instead
+when it was built (see syncbn/_cpp_node_loader.py): the same kernels and passes,
+without the Python autograd function around them; calls the node cannot
+take come here.
 
 Every rank must issue the same collectives in the same order, so nothing in
 this file may raise on one rank only between entering the first collective
@@ -27,7 +30,15 @@ from torch.autograd.function import once_differentiable
 from torch.autograd.graph import increment_version
 
 from . import _kernels
-from ._local_path import NODE
+from ._cpp_node_loader import NODE
+from ._group_passes import (
+    INVSTD,
+    MEAN,
+    RunningViews,
+    check_count,
+    global_statistics,
+    group_backward,
+)
 from ._views import (
     KERNEL_DTYPES,
     KernelInput,
@@ -75,10 +86,6 @@ class BatchStatistics(NamedTuple):
     stats: np.ndarray | None  # (3, C) float64: mean, invstd, biased variance; None if count is 0
 
 
-# stats rows
-MEAN, INVSTD, VAR = 0, 1, 2
-
-
 def _param(t: torch.Tensor | None) -> np.ndarray | None:
     """A per-channel parameter as the kernels take it: a view of a float32 or
     float64 tensor (no copy), a float64 copy of other dtypes."""
@@ -96,15 +103,7 @@ def _layer_param(args: LayerArgs, name: str, t: torch.Tensor | None) -> np.ndarr
     return args.arrays.of(name, t)
 
 
-class _RunningViews(NamedTuple):
-    """The running statistics as ``finish_stats`` updates them."""
-
-    mean: np.ndarray
-    var: np.ndarray
-    batches: np.ndarray | None
-
-
-def _running_views(args: LayerArgs) -> _RunningViews | None:
+def _running_views(args: LayerArgs) -> RunningViews | None:
     """NumPy views of the running statistics and the batch counter (float64
     copies of float16 / bfloat16 buffers, written back by :func:`_running_done`),
     or None: no update."""
@@ -115,14 +114,14 @@ def _running_views(args: LayerArgs) -> _RunningViews | None:
     assert mean is not None and var is not None
     batches = args.num_batches_tracked
     if batches is None:
-        return _RunningViews(mean, var, None)
+        return RunningViews(mean, var, None)
     arrays = args.arrays
-    return _RunningViews(
+    return RunningViews(
         mean, var, batches.numpy() if arrays is None else arrays.of("num_batches_tracked", batches)
     )
 
 
-def _running_done(args: LayerArgs, views: _RunningViews) -> None:
+def _running_done(args: LayerArgs, views: RunningViews) -> None:
     """After ``finish_stats`` wrote the running statistics through NumPy: what
     a torch in-place op would do (bump the version counters), and the copy
     back of float16 / bfloat16 buffers."""
@@ -136,56 +135,17 @@ def _running_done(args: LayerArgs, views: _RunningViews) -> None:
 
 
 def batch_statistics(x: np.ndarray, args: LayerArgs, num_threads: int) -> BatchStatistics:
-    """The global count and statistics of the batch whose local part is ``x`` (a kernel view).
-
-    One allreduce; a second one only when the shift was so far from this
-    batch's mean that the variance would lose its accuracy (``finish_stats``
-    decides from reduced values, so on every rank alike). Moves the shift to
-    the global mean and updates the running statistics.
-    """
-    shift = args.shift
-    C = shift.shape[0]
-    sums = np.empty(2 * C + 1)
-    _kernels.local_stats(x, shift, sums, num_threads)
-    # Every rank joins, even with no samples: the others are waiting in this
-    # same collective, and an empty shard contributes exact zeros. A group
-    # of one has no one to wait for.
-    alone = args.comm.size == 1
-    if not alone:
-        args.comm.allreduce_array_(sums)
-    count = float(sums[2 * C])
-    _check_count(count, x)
+    """The global count and statistics of the batch whose local part is ``x``
+    (a kernel view), as :func:`global_statistics` computes them; moves the
+    shift to the global mean and updates the running statistics."""
+    stats = np.empty((3, args.shift.shape[0]))
+    running = _running_views(args)
+    count = global_statistics(x, args.shift, args.eps, stats, running, args.momentum, args.comm, num_threads)
     if count == 0:
         return BatchStatistics(0.0, None)
-    stats = np.empty((3, C))
-    running = _running_views(args)
-    update: dict[str, Any] = {
-        # The next call's shift is this call's global mean: identical on every
-        # rank (it comes out of the allreduce) and close to the next batch's
-        # mean, which keeps the shifted sums free of cancellation.
-        "next_shift": shift,
-        "running_mean": None if running is None else running.mean,
-        "running_var": None if running is None else running.var,
-        "factor": args.momentum,  # None: finish_stats makes the cumulative average
-        "num_batches_tracked": None if running is None else running.batches,
-    }
-    if _kernels.finish_stats(sums, shift, args.eps, stats, refine=True, **update):
-        around = stats[MEAN].copy()
-        _kernels.local_stats(x, around, sums, num_threads)
-        if not alone:
-            args.comm.allreduce_array_(sums)
-        _kernels.finish_stats(sums, around, args.eps, stats, refine=False, **update)
     if running is not None:
         _running_done(args, running)
     return BatchStatistics(count, stats)
-
-
-def _check_count(count: float, x: np.ndarray) -> None:
-    if count == 1:
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got a global "
-            f"batch of 1 value per channel (local input of {x.size} values)"
-        )
 
 
 class _Forward(NamedTuple):
@@ -272,7 +232,7 @@ def _forward_alone(
     by channel, while each channel's values are in cache."""
     C = args.shift.shape[0]
     count = float(kx.array.size // C) if C else 0.0
-    _check_count(count, kx.array)
+    check_count(count, kx.array)
     weight_view = _layer_param(args, "weight", weight)
     if count == 0:
         return _Forward(torch.empty_like(x), kx, BatchStatistics(0.0, None), weight_view)
@@ -423,11 +383,10 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ..
     # reduction pass into dz (the residual's gradient too), which the input
     # gradient then reads instead of dy.
     activation: dict[str, Any] = {}
-    dz_view, grad_r = dy_view, (grad_out if need_r else None)
+    grad_r = grad_out if need_r else None
     dz: KernelTensor | None = None
     if saved.activation != _kernels.ACT_NONE:
         dz = _new_grad(saved)
-        dz_view = dz.array
         grad_r = dz.tensor if need_r else None
         activation = {
             "activation": saved.activation,
@@ -437,41 +396,23 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ..
         }
     # the input gradient overwrites dz when nothing else needs it
     dx = (dz if dz is not None and not need_r else _new_grad(saved)) if need_x else None
+    # local_backward's arguments, which group_backward takes after the communicator
+    arguments = (
+        dy_view,
+        x_view,
+        stats[MEAN],
+        stats[INVSTD],
+        saved.weight_view,
+        None if dx is None else dx.array,
+        gw,
+        gb,
+        num_threads,
+    )
     if saved.comm.size == 1:
         # a group of one: the reduction and the input gradient in one call
-        _kernels.local_backward(
-            dy_view,
-            x_view,
-            stats[MEAN],
-            stats[INVSTD],
-            saved.weight_view,
-            None if dx is None else dx.array,
-            gw,
-            gb,
-            num_threads,
-            **activation,
-        )
+        _kernels.local_backward(*arguments, **activation)
     else:
-        sums = np.empty(2 * C)  # [sum dz, sum dz * (x - mean)]
-        _kernels.backward_reduce(
-            dy_view, x_view, stats[MEAN], sums, num_threads, stats[INVSTD], gw, gb, **activation
-        )
-        if dx is not None:
-            if saved.comm.size > 1:
-                saved.comm.allreduce_array_(sums)
-            # (backward_input takes the reduced sums and divides them by the count)
-            _kernels.backward_input(
-                dz_view,
-                x_view,
-                stats[MEAN],
-                stats[INVSTD],
-                saved.weight_view,
-                sums[:C],
-                sums[C:],
-                dx.array,
-                num_threads,
-                saved.statistics.global_count,
-            )
+        group_backward(saved.comm, *arguments, saved.statistics.global_count, **activation)
     input_dtype = saved.input_dtype
     grads = (
         _as(None if dx is None else dx.tensor, kernel_dtype, input_dtype),
@@ -591,8 +532,8 @@ def sync_batch_norm(
     """
     fused = residual is not None or args.activation != _kernels.ACT_NONE
     out: torch.Tensor
-    if NODE is not None and args.comm.size == 1 and not torch._C._are_functorch_transforms_active():
-        # a group of one: the C++ node, unless the call needs the Python path
+    if NODE is not None and not torch._C._are_functorch_transforms_active():
+        # the C++ node, unless the call needs the Python path
         taken = NODE.forward(
             x,
             weight,
@@ -606,6 +547,7 @@ def sync_batch_norm(
             args.shift,
             args.activation,
             args.negative_slope,
+            None if args.comm.size == 1 else args.comm,
         )
         if taken is not None:
             return taken  # type: ignore[no-any-return]

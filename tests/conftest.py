@@ -49,8 +49,8 @@ def normal_mode(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def python_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Training calls of a group of one through the Python function, not the
-    C++ node (syncbn/_local_node.cpp): for tests of the Python path's own
+    """Training calls through the Python function, not the
+    C++ node (syncbn/_cpp_node.cpp): for tests of the Python path's own
     steps (its views, its saved state, its autograd node)."""
     from syncbn import function
 

@@ -33,10 +33,12 @@ import torch.nn.functional as F
 from batchnorm_data import apply_activation, batch, set_random_affine
 from rank_output import leave, say
 import syncbn
+from syncbn import _cpp_node_loader, function
 from syncbn.comm import MPICommunicator, SharedMemoryCommunicator, TorchCommunicator
 
 WORLD = 4
 C = 3
+NODE_NAME = "torch::autograd::CppNode<syncbn::BatchNormNode>"
 
 # name: (sample shape without N, memory format)
 LAYOUTS: dict[str, tuple[tuple[int, ...], torch.memory_format]] = {
@@ -232,7 +234,8 @@ def global_batch(gen: torch.Generator, n: int, layout: str,
 def case_batchnorm(ctx: Context, name: str, sizes: list[int], layout: str, dtype: torch.dtype,
                    spec: str = "default", momentum: Optional[float] = 0.1,
                    affine: bool = True, activation: Optional[str] = None,
-                   negative_slope: float = 0.01, residual: bool = False) -> Checker:
+                   negative_slope: float = 0.01, residual: bool = False,
+                   python_path: bool = False) -> Checker:
     """The layer on this rank's shard against plain BatchNorm on the group's whole batch.
 
     ``sizes[r]``: samples of world rank r. With ``spec="subgroup"`` the group
@@ -246,7 +249,25 @@ def case_batchnorm(ctx: Context, name: str, sizes: list[int], layout: str, dtype
     With ``activation`` / ``residual``, the layer is the fused
     ``activation(bn(x) + residual)`` and the reference torch's composition of
     those steps; the residual's gradient is compared too.
+
+    Training calls go through the C++ node where it is built and the shard
+    has values (an empty shard's rank takes the Python function, while the
+    others wait for it in the same collectives); ``python_path=True`` takes
+    the node away for the case, so every rank runs the Python function.
     """
+    node = None if python_path else _cpp_node_loader.NODE
+    saved_node, function.NODE = function.NODE, node
+    try:
+        return _batchnorm_steps(ctx, name, sizes, layout, dtype, spec, momentum, affine, activation,
+                                negative_slope, residual, node is not None)
+    finally:
+        function.NODE = saved_node
+
+
+def _batchnorm_steps(ctx: Context, name: str, sizes: list[int], layout: str, dtype: torch.dtype,
+                     spec: str, momentum: Optional[float], affine: bool, activation: Optional[str],
+                     negative_slope: float, residual: bool, node_in_use: bool) -> Checker:
+    """case_batchnorm's steps, with the node in use or not."""
     chk = Checker()
     members = [r for r in range(ctx.size) if spec != "subgroup" or r // 2 == ctx.rank // 2]
     offsets = [sum(sizes[:r]) for r in range(ctx.size + 1)]
@@ -281,6 +302,10 @@ def case_batchnorm(ctx: Context, name: str, sizes: list[int], layout: str, dtype
         rw = global_batch(gen, offsets[-1], layout, dtype)[0] if residual else None
         r = None if rw is None else rw[world_rows].clone().requires_grad_()
         y = layer(x) if r is None else layer(x, r)
+        through_node = y.grad_fn is not None and y.grad_fn.name() == NODE_NAME
+        chk.check(f"step {step} path", through_node == (node_in_use and x.numel() > 0),
+                  f"through the C++ node: {through_node}; node in use: {node_in_use}, "
+                  f"{x.numel()} local values")
         (y * gw[world_rows]).sum().backward()
 
         xr = x_group.clone().requires_grad_()
@@ -665,6 +690,13 @@ COMMON_BN_CASES: dict[str, tuple[list[int], str, torch.dtype, str, dict[str, Any
     "fused_leaky_negative_empty_shard_2d_f64": ([2, 2, 0, 3], "2d", f64, "default",
                                                 {"activation": "leaky_relu", "negative_slope": -0.5,
                                                  "residual": True}),
+    # the Python function on every rank, as where the C++ node is not built
+    "python_path_uneven_channels_last_f32": ([3, 1, 2, 4], "channels_last", f32, "default",
+                                             {"momentum": 0.3, "python_path": True}),
+    "python_path_size1_2d_f64": ([1, 3, 2, 2], "2d", f64, "default", {"python_path": True}),
+    "python_path_fused_silu_residual_nchw_f64": ([2, 3, 2, 1], "nchw", f64, "default",
+                                                 {"activation": "silu", "residual": True,
+                                                  "python_path": True}),
 }
 BN_CASES = {
     "mpi": {**COMMON_BN_CASES,

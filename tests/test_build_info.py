@@ -25,7 +25,7 @@ TYPES = {
     "kernel_variant": str,
     "kernel_variants": list,
     "kernel_choice": str,
-    "local_node": str,
+    "cpp_node": str,
 }
 # the variants of the portable build (SYNCBN_MARCH unset), in setup.py's order
 PORTABLE = ["generic", "x86-64-v3", "x86-64-v4"]

@@ -1,23 +1,26 @@
-// syncbn._local_node: the training layer of a group of one process as a C++
-// autograd node (see syncbn/_local_path.py, which loads it).
+// syncbn._cpp_node: the training layer as a C++ autograd node (see
+// syncbn/_cpp_node_loader.py, which loads it).
 //
 // A layer whose communicator has one process computes its statistics and
-// normalizes in one kernel call per pass (local_forward, local_backward).
-// Written as a Python autograd.Function, each call also pays for the Python
-// around those kernel calls: autograd's Python node, the context object,
-// the tensor checks, views and allocations. Inside a network, with the caches
-// a convolution leaves behind, that costs more than the kernels themselves.
-// Here the same steps are C++ against torch's own API, as torch's batch norm
-// is: the node is a torch::autograd::Function, the tensors are allocated and
-// checked through ATen, and Python is entered only for the kernel calls (the
-// kernels are syncbn's compiled ones, reached through the functions that
-// bind() receives).
+// normalizes in one kernel call per pass (local_forward, local_backward); a
+// larger group runs the passes of syncbn/_group_passes.py (group_forward,
+// group_backward: the kernels with the allreduce between them), which take
+// the same arguments after the communicator. Written as a Python
+// autograd.Function, each call also pays for the Python around those calls:
+// autograd's Python node, the context object, the tensor checks, views and
+// allocations. Inside a network, with the caches a convolution leaves
+// behind, that costs more than the kernels themselves. Here the same steps
+// are C++ against torch's own API, as torch's batch norm is: the node is a
+// torch::autograd::Function, the tensors are allocated and checked through
+// ATen, and Python is entered only for the passes (reached through the
+// functions that bind() receives).
 //
 // forward() takes only what it can hand to the kernels as it is, and returns
 // None for anything else, before it has changed anything; the caller then
 // takes the Python path, which handles every case (other strides, negated or
 // misaligned memory, float16 / bfloat16, too few values per channel, empty
-// input). The backward reads the output gradient in the input's layout,
+// input). Both paths issue the same collectives, so the ranks of a group may
+// take different ones. The backward reads the output gradient in the input's layout,
 // copying it when it comes in another, and, like the Python function, refuses
 // to be differentiated again.
 
@@ -44,10 +47,31 @@ namespace syncbn __attribute__((visibility("hidden"))) {
 struct Kernels {
   PyObject* local_forward = nullptr;
   PyObject* local_backward = nullptr;
+  PyObject* group_forward = nullptr;
+  PyObject* group_backward = nullptr;
   PyObject* activation_uses_output = nullptr;
   int64_t act_none = 0;  // the kernels' code of no activation, ACT_NONE
 };
 Kernels kernels;
+
+// The communicator of a group of several processes, kept by the node from
+// its forward to its backward (saved_data holds it as a capsule).
+struct GroupRef : torch::CustomClassHolder {
+  py::object comm;
+  explicit GroupRef(py::object comm) : comm(std::move(comm)) {}
+  GroupRef(const GroupRef&) = delete;
+  GroupRef& operator=(const GroupRef&) = delete;
+  ~GroupRef() override {
+    // the node may be freed where the GIL is not held; after the interpreter
+    // finished, the reference is left alone
+    if (Py_IsInitialized()) {
+      py::gil_scoped_acquire gil;
+      comm.release().dec_ref();
+    } else {
+      comm.release();
+    }
+  }
+};
 
 // How the kernels read a tensor: runs (N, C, L) for a contiguous tensor of
 // 3 or more dimensions, rows (M, C) for a contiguous 2-D tensor and for a
@@ -149,9 +173,10 @@ struct Options {
   py::object shift;     // the layer's float64 (C,) shift array, updated in place
   int64_t activation;
   double negative_slope;
+  py::object group;  // None: a group of one process; else its communicator
 };
 
-struct LocalBatchNorm : public torch::autograd::Function<LocalBatchNorm> {
+struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                             const Options& options, Layout layout) {
@@ -181,11 +206,19 @@ struct LocalBatchNorm : public torch::autograd::Function<LocalBatchNorm> {
     if (tracking && num_batches_tracked.has_value()) {
       batches = array_over(*num_batches_tracked, {1});
     }
-    py::reinterpret_borrow<py::object>(kernels.local_forward)(
+    const bool alone = options.group.is_none();
+    py::tuple arguments = py::make_tuple(
         kernel_array(x, layout), vector_or_none(weight), vector_or_none(bias), options.eps,
         kernel_array(out, layout), array_over(stats, {3, C}), options.shift,
         tracking ? vector_or_none(running_mean) : py::none(), tracking ? vector_or_none(running_var) : py::none(),
-        options.momentum, batches, at::get_num_threads(), **fused);
+        options.momentum, batches, at::get_num_threads());
+    double global_count = 0;  // (the backward of a group of one does not need it)
+    if (alone) {
+      py::reinterpret_borrow<py::object>(kernels.local_forward)(*arguments, **fused);
+    } else {
+      global_count = py::reinterpret_borrow<py::object>(kernels.group_forward)(options.group, *arguments, **fused)
+                         .cast<double>();
+    }
     if (tracking) {
       // what a torch in-place update would do
       torch::autograd::impl::bump_version(*running_mean);
@@ -211,6 +244,10 @@ struct LocalBatchNorm : public torch::autograd::Function<LocalBatchNorm> {
     ctx->saved_data["layout"] = static_cast<int64_t>(layout);
     ctx->saved_data["activation"] = options.activation;
     ctx->saved_data["negative_slope"] = options.negative_slope;
+    if (!alone) {
+      ctx->saved_data["group"] = at::IValue::make_capsule(c10::make_intrusive<GroupRef>(options.group));
+      ctx->saved_data["global_count"] = global_count;
+    }
     return out;
   }
 
@@ -255,12 +292,20 @@ struct LocalBatchNorm : public torch::autograd::Function<LocalBatchNorm> {
         fused["saved"] = kernel_array(activation_saved, layout);
         fused["grad_preact"] = kernel_array(dz, layout);
       }
-      py::reinterpret_borrow<py::object>(kernels.local_backward)(
-          kernel_array(dy, layout), kernel_array(x, layout), array_over(stats[0], {C}),
-          array_over(stats[1], {C}), weight.defined() ? py::object(array_over(weight, {C})) : py::none(),
+      py::tuple arguments = py::make_tuple(
+          kernel_array(dy, layout), kernel_array(x, layout), array_over(stats[0], {C}), array_over(stats[1], {C}),
+          weight.defined() ? py::object(array_over(weight, {C})) : py::none(),
           dx.defined() ? py::object(kernel_array(dx, layout)) : py::none(),
           grad_w.defined() ? py::object(array_over(grad_w, {C})) : py::none(),
-          grad_b.defined() ? py::object(array_over(grad_b, {C})) : py::none(), at::get_num_threads(), **fused);
+          grad_b.defined() ? py::object(array_over(grad_b, {C})) : py::none(), at::get_num_threads());
+      const auto group = ctx->saved_data.find("group");
+      if (group == ctx->saved_data.end()) {
+        py::reinterpret_borrow<py::object>(kernels.local_backward)(*arguments, **fused);
+      } else {
+        const auto ref = c10::static_intrusive_pointer_cast<GroupRef>(group->second.toCapsule());
+        py::reinterpret_borrow<py::object>(kernels.group_backward)(ref->comm, *arguments,
+            ctx->saved_data["global_count"].toDouble(), **fused);
+      }
     }
     at::Tensor grad_r;
     if (need_r) {
@@ -291,13 +336,17 @@ py::object forward(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
                    const std::optional<at::Tensor>& num_batches_tracked, double eps, py::object momentum,
-                   py::object shift, int64_t activation, double negative_slope) {
+                   py::object shift, int64_t activation, double negative_slope, py::object group) {
   if (kernels.local_forward == nullptr) {
-    throw std::runtime_error("syncbn._local_node: bind() was not called");
+    throw std::runtime_error("syncbn._cpp_node: bind() was not called");
   }
   const Layout layout = layout_of(x);
   const int64_t C = x.dim() >= 2 ? x.size(1) : 0;
-  if (layout == Layout::unsupported || !is_kernel_float(x) || !readable(x) || C == 0 || x.numel() / C < 2) {
+  // (a group of one process needs 2 values per channel here; in a larger
+  // group the global count is checked after the statistics are reduced)
+  const int64_t least_per_channel = group.is_none() ? 2 : 1;
+  if (layout == Layout::unsupported || !is_kernel_float(x) || !readable(x) || C == 0 ||
+      x.numel() / C < least_per_channel) {
     return py::none();
   }
   if (!kernel_vector(weight, C) || !kernel_vector(bias, C) || !kernel_vector(running_mean, C) ||
@@ -315,15 +364,18 @@ py::object forward(const at::Tensor& x, const std::optional<at::Tensor>& weight,
     return py::none();
   }
   Options options{running_mean, running_var, num_batches_tracked, eps, std::move(momentum), std::move(shift),
-                  activation, negative_slope};
-  return py::cast(LocalBatchNorm::apply(x, weight, bias, residual, options, layout));
+                  activation, negative_slope, std::move(group)};
+  return py::cast(BatchNormNode::apply(x, weight, bias, residual, options, layout));
 }
 
-void bind(py::module_ module, py::object local_forward, py::object local_backward,
-          py::object activation_uses_output, int64_t act_none) {
-  module.attr("_kernels") = py::make_tuple(local_forward, local_backward, activation_uses_output);
+void bind(py::module_ module, py::object local_forward, py::object local_backward, py::object group_forward,
+          py::object group_backward, py::object activation_uses_output, int64_t act_none) {
+  module.attr("_kernels") =
+      py::make_tuple(local_forward, local_backward, group_forward, group_backward, activation_uses_output);
   kernels.local_forward = local_forward.ptr();
   kernels.local_backward = local_backward.ptr();
+  kernels.group_forward = group_forward.ptr();
+  kernels.group_backward = group_backward.ptr();
   kernels.activation_uses_output = activation_uses_output.ptr();
   kernels.act_none = act_none;
 }
@@ -332,17 +384,21 @@ void bind(py::module_ module, py::object local_forward, py::object local_backwar
 
 using namespace syncbn;
 
-PYBIND11_MODULE(_local_node, m) {
-  m.doc() = "The training layer of a group of one process as a C++ autograd node (see syncbn/_local_path.py).";
+PYBIND11_MODULE(_cpp_node, m) {
+  m.doc() = "The training layer as a C++ autograd node (see syncbn/_cpp_node_loader.py).";
   m.attr("TORCH_VERSION") = SYNCBN_TORCH_VERSION;
   m.def(
       "bind",
-      [m](py::object local_forward, py::object local_backward, py::object activation_uses_output,
-          int64_t act_none) { bind(m, local_forward, local_backward, activation_uses_output, act_none); },
-      "local_forward"_a, "local_backward"_a, "activation_uses_output"_a, "act_none"_a,
-      "The kernels' functions the node calls (once, before forward).");
+      [m](py::object local_forward, py::object local_backward, py::object group_forward, py::object group_backward,
+          py::object activation_uses_output, int64_t act_none) {
+        bind(m, local_forward, local_backward, group_forward, group_backward, activation_uses_output, act_none);
+      },
+      "local_forward"_a, "local_backward"_a, "group_forward"_a, "group_backward"_a, "activation_uses_output"_a,
+      "act_none"_a,
+      "The functions the node calls (once, before forward): the kernels' one-call passes of a group of "
+      "one process, and the passes of a larger group with the communicator as first argument.");
   m.def("forward", &forward, "x"_a, "weight"_a, "bias"_a, "residual"_a, "running_mean"_a, "running_var"_a,
-        "num_batches_tracked"_a, "eps"_a, "momentum"_a, "shift"_a, "activation"_a, "negative_slope"_a,
-        "The training forward of a group of one process, recorded as a C++ autograd node; None when "
-        "the Python path must take the call.");
+        "num_batches_tracked"_a, "eps"_a, "momentum"_a, "shift"_a, "activation"_a, "negative_slope"_a, "group"_a,
+        "The training forward, recorded as a C++ autograd node (group: None for a group of one process, "
+        "else its communicator); None when the Python path must take the call.");
 }

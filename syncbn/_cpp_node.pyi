@@ -1,5 +1,5 @@
-# The C++ autograd node of a group of one process (syncbn/_local_node.cpp),
-# loaded by syncbn/_local_path.py.
+# The C++ autograd node of the training layer (syncbn/_cpp_node.cpp),
+# loaded by syncbn/_cpp_node_loader.py.
 from typing import Any, Callable
 
 import numpy as np
@@ -10,6 +10,8 @@ TORCH_VERSION: str  # the torch version it was built against
 def bind(
     local_forward: Callable[..., Any],
     local_backward: Callable[..., Any],
+    group_forward: Callable[..., float],
+    group_backward: Callable[..., None],
     activation_uses_output: Callable[[int, float], bool],
     act_none: int,
 ) -> None: ...
@@ -26,5 +28,6 @@ def forward(
     shift: np.ndarray,
     activation: int,
     negative_slope: float,
+    group: Any,  # None: a group of one process; else its syncbn.comm.Communicator
 ) -> torch.Tensor | None:
     """The training output, recorded as a C++ autograd node; None: the Python path takes the call."""

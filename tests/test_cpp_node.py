@@ -1,14 +1,15 @@
-"""The C++ autograd node of a group of one process (syncbn/_local_node.cpp).
+"""The C++ autograd node of the training layer (syncbn/_cpp_node.cpp), in one process.
 
-A training call in one process goes through the node when the tensors are as
-the kernels read them, and through the Python function otherwise. Both run
+A training call goes through the node when the tensors are as the kernels
+read them, and through the Python function otherwise. (In groups of several
+processes tests/dist_worker.py checks which path each rank took.) Both run
 the same kernels: here the node's outputs, gradients and buffers are checked
 against the Python path's and against torch's batch norm (with a negative
 control), and the calls the node must leave to Python are checked to go
 there. The rest of the suite runs through the node wherever it takes a call.
 
 Skipped where the node is not in use (an isolated build, as in the package
-check, has none; the reason is syncbn.build_info()["local_node"]).
+check, has none; the reason is syncbn.build_info()["cpp_node"]).
 """
 from __future__ import annotations
 
@@ -20,15 +21,15 @@ import torch
 import torch.nn.functional as F
 
 import syncbn
-from syncbn import _local_path, function
+from syncbn import _cpp_node_loader, function
 from batchnorm_data import LAYOUTS, TOL, batch, misaligned, negated_view, set_random_affine
 
 pytestmark = pytest.mark.skipif(
-    _local_path.NODE is None, reason=f"the C++ node is not in use: {_local_path.STATUS}"
+    _cpp_node_loader.NODE is None, reason=f"the C++ node is not in use: {_cpp_node_loader.STATUS}"
 )
 
 C = 3
-NODE_NAME = "torch::autograd::CppNode<syncbn::LocalBatchNorm>"
+NODE_NAME = "torch::autograd::CppNode<syncbn::BatchNormNode>"
 ACTIVATIONS = [None, "relu", "relu6", "leaky_relu", "silu"]
 
 
