@@ -1,12 +1,13 @@
-"""The C++ autograd node of the training layer (syncbn/_cpp_node.cpp), in one process.
+"""The C++ autograd node of the training layer (syncbn/_cpp_node.cpp).
 
 A training call goes through the node when the tensors are as the kernels
-read them, and through the Python function otherwise. (In groups of several
-processes tests/dist_worker.py checks which path each rank took.) Both run
-the same kernels: here the node's outputs, gradients and buffers are checked
-against the Python path's and against torch's batch norm (with a negative
-control), and the calls the node must leave to Python are checked to go
-there. The rest of the suite runs through the node wherever it takes a call.
+read them, and through the Python function otherwise. In a group of several
+processes (simulated ranks below; tests/dist_worker.py under the launchers)
+the node runs the group's passes, and a rank whose call it leaves to Python
+issues the same collectives. Both run the same kernels: here the node's
+outputs, gradients and buffers are checked against the Python path's and
+against torch's batch norm (with negative controls), and the calls the node
+must leave to Python are checked to go there. The rest of the suite runs through the node wherever it takes a call.
 
 Skipped where the node is not in use (an isolated build, as in the package
 check, has none; the reason is syncbn.build_info()["cpp_node"]).
@@ -14,6 +15,8 @@ check, has none; the reason is syncbn.build_info()["cpp_node"]).
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 from typing import Any, Optional
 
 import pytest
@@ -22,7 +25,9 @@ import torch.nn.functional as F
 
 import syncbn
 from syncbn import _cpp_node_loader, function
-from batchnorm_data import LAYOUTS, TOL, batch, misaligned, negated_view, set_random_affine
+from syncbn.comm import LocalCommunicator
+from batchnorm_data import LAYOUTS, TOL, apply_activation, batch, misaligned, negated_view, set_random_affine
+from simulated import SimulatedCommunicator, run_ranks
 
 pytestmark = pytest.mark.skipif(
     _cpp_node_loader.NODE is None, reason=f"the C++ node is not in use: {_cpp_node_loader.STATUS}"
@@ -215,3 +220,112 @@ def test_a_weight_of_another_length_is_still_refused() -> None:
     layer.weight = torch.nn.Parameter(torch.ones(C + 1))
     with pytest.raises(ValueError, match="weight"):
         layer(torch.randn(4, C, 5, requires_grad=True))
+
+
+# --------------------------------------------------------------------------- #
+# groups of several processes (simulated ranks: one thread each)              #
+# --------------------------------------------------------------------------- #
+
+GROUP_SIZES = [3, 0, 2]  # samples per rank: the empty rank takes the Python path
+
+
+def _group_step(shape_rest: tuple[int, ...], fmt: torch.memory_format, activation: Optional[str],
+                with_residual: bool, node: Any, synchronized: bool = True
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One training step of a layer on 3 simulated ranks (shards of one global
+    batch), with ``function.NODE`` set to ``node``; each rank's results, and
+    torch's composition on the whole batch (its outputs and gradients).
+    ``synchronized=False``: each rank's layer is a group of one instead."""
+    gen = torch.Generator().manual_seed(7)
+    total = sum(GROUP_SIZES)
+    xw, gw = batch((total, C, *shape_rest), gen, torch.float64, fmt)
+    rw = torch.randn(xw.shape, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt)
+    starts = [sum(GROUP_SIZES[:r]) for r in range(len(GROUP_SIZES))]
+
+    def rank_fn(rank: int, comm: SimulatedCommunicator) -> dict[str, Any]:
+        rows = slice(starts[rank], starts[rank] + GROUP_SIZES[rank])
+        layer = syncbn.SyncBatchNorm(C, dtype=torch.float64, activation=activation,
+                                     process_group=comm if synchronized else "local")
+        set_random_affine(layer, 5)
+        return _run(layer, xw[rows].contiguous(memory_format=fmt), gw[rows],
+                    rw[rows].contiguous(memory_format=fmt) if with_residual else None)
+
+    saved = function.NODE
+    function.NODE = node
+    try:
+        per_rank = run_ranks(len(GROUP_SIZES), rank_fn)
+    finally:
+        function.NODE = saved
+    ref = torch.nn.BatchNorm2d(C, dtype=torch.float64) if len(shape_rest) == 2 else torch.nn.BatchNorm1d(
+        C, dtype=torch.float64)
+    set_random_affine(ref, 5)
+    x = xw.clone().requires_grad_()
+    r = rw.clone().requires_grad_() if with_residual else None
+    y = apply_activation(ref(x) if r is None else ref(x) + r, activation, 0.01)
+    y.backward(gw)
+    whole = {"y": y.detach(), "x.grad": x.grad, "residual.grad": None if r is None else r.grad,
+             "weight.grad": ref.weight.grad, "bias.grad": ref.bias.grad, "running_mean": ref.running_mean,
+             "running_var": ref.running_var}
+    return per_rank, whole
+
+
+def _check_against_whole(per_rank: list[dict[str, Any]], whole: dict[str, Any]) -> None:
+    starts = [sum(GROUP_SIZES[:r]) for r in range(len(GROUP_SIZES) + 1)]
+    tol = TOL[torch.float64]
+    for rank, out in enumerate(per_rank):
+        rows = slice(starts[rank], starts[rank + 1])
+        for key in ("y", "x.grad", "residual.grad"):
+            if key in out:
+                torch.testing.assert_close(out[key], whole[key][rows], **tol, msg=lambda m, k=key: f"{k}: {m}")
+        for key in ("running_mean", "running_var"):
+            torch.testing.assert_close(out[key], whole[key], **tol)
+    # parameter gradients are local sums: their sum over the ranks is the whole batch's
+    for key in ("weight.grad", "bias.grad"):
+        summed = sum(out[key] for out in per_rank if out[key] is not None)
+        torch.testing.assert_close(summed, whole[key], **tol)
+
+
+@pytest.mark.parametrize("layout", ["4d", "channels_last", "3d"])
+@pytest.mark.parametrize("activation,with_residual", [(None, False), ("relu", True), ("silu", False)])
+def test_node_in_a_group_of_three_equals_torch_on_the_whole_batch(
+        layout: str, activation: Optional[str], with_residual: bool) -> None:
+    shape, _, fmt = LAYOUTS[layout]
+    through_node, whole = _group_step(shape[2:], fmt, activation, with_residual, _cpp_node_loader.NODE)
+    # the ranks with samples went through the node, the empty one through Python
+    assert [out["taken"] for out in through_node] == [n > 0 for n in GROUP_SIZES]
+    _check_against_whole(through_node, whole)
+    through_python, _ = _group_step(shape[2:], fmt, activation, with_residual, None)
+    assert not any(out["taken"] for out in through_python)
+    for a, b in zip(through_node, through_python):
+        _compare(a, b, torch.float64)
+
+
+def test_comparison_in_a_group_can_fail() -> None:
+    # negative control: each rank normalizing its shard alone is not the whole batch's answer
+    shape, _, fmt = LAYOUTS["4d"]
+    per_rank, whole = _group_step(shape[2:], fmt, None, False, _cpp_node_loader.NODE, synchronized=False)
+    assert per_rank[0]["taken"]
+    with pytest.raises(AssertionError, match="y"):
+        _check_against_whole(per_rank, whole)
+
+
+class _PretendPair(LocalCommunicator):
+    """A group of 2 whose allreduce does nothing (one process)."""
+
+    _size = 2
+
+
+def test_node_keeps_the_communicator_until_its_graph_is_freed() -> None:
+    comm = _PretendPair()
+    layer = syncbn.SyncBatchNorm(C, process_group=comm)
+    y = layer(torch.randn(4, C, 5, requires_grad=True))
+    assert _node_taken(y)
+    kept = weakref.ref(comm)
+    del layer, comm
+    gc.collect()
+    assert kept() is not None  # the node holds it for the backward
+    y.sum().backward()
+    assert kept().calls == 2  # type: ignore[union-attr]
+    del y
+    gc.collect()
+    assert kept() is None
